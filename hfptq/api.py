@@ -1,0 +1,150 @@
+"""The Python entry points: quantize an already loaded model, inspect the plan, summarise.
+
+``from_pretrained(..., quantization_config=HfPtqConfig(...))`` calls :func:`quantize_model`
+from the Transformers adapter; users holding a model can call it directly.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from .config import HfPtqConfig
+from .convert import convert_model
+from .errors import ConfigError
+from .plan import Plan, resolve_plan
+
+logger = logging.getLogger(__name__)
+
+
+def needs_calibration(config: HfPtqConfig, plan: Optional[Plan] = None) -> bool:
+    """True when static activations, SmoothQuant or GPTQ need calibration data."""
+    if config.smoothquant is not None or config.gptq is not None:
+        return True
+    if plan is not None:
+        return any(e.quantized and (e.activations or {}).get("mode") == "static" for e in plan)
+    return config.activations["mode"] == "static"
+
+
+def _load_tokenizer(model: nn.Module, config: HfPtqConfig, tokenizer: Any) -> Any:
+    if tokenizer is not None:
+        return tokenizer
+    calib = config.calibration or {}
+    source = calib.get("tokenizer")
+    if source is not None and not isinstance(source, str):
+        return source
+    source = source or getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not source:
+        raise ConfigError(
+            "calibration needs a tokenizer: set calibration.tokenizer to a path/Hub id, or pass tokenizer= to quantize_model."
+        )
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source)
+
+
+def quantize_model(
+    model: nn.Module,
+    config: Optional[HfPtqConfig] = None,
+    *,
+    tokenizer: Any = None,
+    calibration_data: Optional[torch.Tensor] = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize a loaded float model in place and return it.
+
+    Resolves the plan, calibrates when the config asks for it (static activations, SmoothQuant,
+    GPTQ), converts the modules, and records the plan on ``model.hfptq_plan`` and in
+    ``config.plan`` (saved in ``config.json``).
+
+    Args:
+        model: a float Transformers model (or any ``nn.Module`` with Linear layers and a ``config``).
+        config: defaults to ``HfPtqConfig()`` (attention FP16, FFN + LM head INT8 W8A8 dynamic).
+        tokenizer: used to tokenize the calibration split; defaults to the model's own path.
+        calibration_data: ready token ids ``[num_samples, seq_len]`` instead of ``config.calibration``.
+
+    Example:
+        >>> model = AutoModelForCausalLM.from_pretrained(path)          # doctest: +SKIP
+        >>> hfptq.quantize_model(model, hfptq.HfPtqConfig(activations="none"))  # doctest: +SKIP
+    """
+    config = config if config is not None else HfPtqConfig()
+    started = time.perf_counter()
+    plan = resolve_plan(model, config)
+    logger.info(plan.summary())
+    result = None
+    if needs_calibration(config, plan):
+        from .calibration import calibrate
+
+        if calibration_data is None:
+            if config.calibration is None:
+                raise ConfigError(
+                    "This config needs calibration data (static activations, SmoothQuant or GPTQ): set "
+                    "calibration=dict(dataset=..., split=...) or pass calibration_data= token ids."
+                )
+            from .data import calibration_batches
+
+            calibration_data = calibration_batches(config.calibration, _load_tokenizer(model, config, tokenizer),
+                                                   progress=progress)
+        result = calibrate(model, plan, config, calibration_data, progress=progress)
+    convert_model(
+        model, plan, fake=config.mode == "fake", compute_dtype=config.compute_dtype,
+        input_qparams=getattr(result, "input_qparams", None), weights=getattr(result, "weights", None),
+        weight_qparams=getattr(result, "weight_qparams", None), progress=progress,
+    )
+    config.plan = plan.to_dict()
+    attach_plan(model, plan)
+    model.hfptq_calibration = getattr(result, "info", None)
+    model.hfptq_seconds = time.perf_counter() - started
+    return model
+
+
+def attach_plan(model: nn.Module, plan: Plan) -> None:
+    model.hfptq_plan = plan
+
+
+def get_plan(model: nn.Module) -> Plan:
+    """The plan a quantized model was built with."""
+    plan = getattr(model, "hfptq_plan", None)
+    if plan is None:
+        raise ConfigError("This model was not quantized by hfptq (no model.hfptq_plan).")
+    return plan
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers (shared storage counted once)."""
+    seen = set()
+    total = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        key = (tensor.device, tensor.data_ptr()) if tensor.device.type != "meta" else id(tensor)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def summary(model: nn.Module, float_bytes: Optional[int] = None) -> str:
+    """One line: modules per precision and bytes before/after.
+
+    ``float_bytes`` defaults to the size the planned modules would have in float32.
+    """
+    plan = get_plan(model)
+    after = model_bytes(model)
+    if float_bytes is None:
+        float_bytes = after
+        for e in plan:
+            if e.precision == "skip" or e.tied_to:
+                continue
+            n = e.in_features * e.out_features
+            cur = _entry_bytes(model, e.name)
+            float_bytes += n * 4 - cur
+    ratio = after / float_bytes if float_bytes else 1.0
+    return f"{plan.summary()}; {float_bytes / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB ({ratio:.1%})"
+
+
+def _entry_bytes(model: nn.Module, name: str) -> int:
+    module = model.get_submodule(name)
+    return sum(t.numel() * t.element_size() for t in list(module.parameters(recurse=False)) + list(module.buffers()))

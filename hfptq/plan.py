@@ -1,0 +1,442 @@
+"""Resolve rules and architecture presets into a per-module precision plan.
+
+The plan is the single source of truth of what happens to each module: it is printed to the
+user, stored on the model (``model.hfptq_plan``) and in ``config.json`` so a reload rebuilds the
+exact same skeleton. No Linear is ever left out silently: modules that stay in their original
+precision appear in the plan as ``skip`` with the reason.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .config import (
+    INT_PRECISIONS,
+    HfPtqConfig,
+    normalize_activation_args,
+    normalize_weight_args,
+)
+from .errors import PlanError
+
+# --------------------------------------------------------------------------------------------
+# Architecture presets: which module names are attention projections, FFN linears, LM head.
+# Patterns are regexes searched in the full module name.
+# --------------------------------------------------------------------------------------------
+_LLAMA_LIKE = {
+    "attention": [r"self_attn\.(q|k|v|o)_proj$"],
+    "ffn": [r"mlp\.(gate|up|down)_proj$"],
+    "lm_head": [r"^lm_head$"],
+}
+PRESETS: Dict[str, Dict[str, List[str]]] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3": {**_LLAMA_LIKE},
+    "gemma3_text": _LLAMA_LIKE,
+    "phi3": {
+        "attention": [r"self_attn\.(qkv_proj|o_proj)$"],
+        "ffn": [r"mlp\.(gate_up_proj|down_proj)$"],
+        "lm_head": [r"^lm_head$"],
+    },
+    "gpt2": {
+        "attention": [r"attn\.(c_attn|c_proj)$"],
+        "ffn": [r"mlp\.(c_fc|c_proj)$"],
+        "lm_head": [r"^lm_head$"],
+    },
+    "opt": {
+        "attention": [r"self_attn\.(q|k|v|out)_proj$"],
+        "ffn": [r"\.fc(1|2)$"],
+        "lm_head": [r"^lm_head$"],
+    },
+    "gpt_neox": {
+        "attention": [r"attention\.(query_key_value|dense)$"],
+        "ffn": [r"mlp\.(dense_h_to_4h|dense_4h_to_h)$"],
+        "lm_head": [r"^embed_out$"],
+    },
+    "bert": {
+        "attention": [r"attention\.self\.(query|key|value)$", r"attention\.output\.dense$"],
+        "ffn": [r"intermediate\.dense$", r"layer\.\d+\.output\.dense$"],
+        "lm_head": [r"cls\.predictions\.decoder$"],
+    },
+    "distilbert": {
+        "attention": [r"attention\.(q_lin|k_lin|v_lin|out_lin)$"],
+        "ffn": [r"ffn\.lin(1|2)$"],
+        "lm_head": [r"^vocab_projector$"],
+    },
+}
+PRESETS["roberta"] = {**PRESETS["bert"], "lm_head": [r"lm_head\.decoder$"]}
+PRESETS["xlm-roberta"] = PRESETS["roberta"]
+
+# Structural fallback for architectures without a preset.
+_STRUCTURAL = {
+    "attention": [r"(attn|attention)[^.]*\.[^.]+$", r"(q|k|v|o|qkv|out)_proj$", r"\.(query|key|value)$"],
+    "ffn": [r"(mlp|ffn|feed_forward|feedforward|intermediate)[^.]*\.[^.]+$", r"\.(fc\d|w\d|up_proj|down_proj|gate_proj)$"],
+    "lm_head": [r"^(lm_head|embed_out|output)$"],
+}
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_quantizable_linear(module: nn.Module) -> bool:
+    """Float ``nn.Linear`` or Transformers ``Conv1D`` (GPT-2)."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def linear_shape(module: nn.Module) -> Tuple[int, int]:
+    """``(in_features, out_features)`` of a Linear or Conv1D (whose weight is ``[in, out]``)."""
+    if _is_conv1d(module):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return int(module.in_features), int(module.out_features)
+
+
+@dataclass
+class ModuleSpec:
+    """What happens to one module."""
+
+    name: str
+    kind: str
+    module_class: str
+    precision: str
+    in_features: int
+    out_features: int
+    has_bias: bool = False
+    weights: Optional[Dict[str, Any]] = None
+    activations: Optional[Dict[str, Any]] = None
+    source: str = ""
+    tied_to: Optional[str] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision in INT_PRECISIONS
+
+    def describe(self) -> str:
+        """Short human-readable description of the precision, e.g. ``int8 W8A8 dynamic/token``."""
+        if self.precision in INT_PRECISIONS and self.weights is not None:
+            bits = self.weights["bits"]
+            gran = self.weights["granularity"]
+            if gran == "group":
+                gran = f"g{self.weights['group_size']}"
+            sym = "" if self.weights["symmetric"] else " asym"
+            acts = self.activations or {"mode": "none"}
+            if acts["mode"] == "none":
+                return f"int{bits} weight-only ({gran}{sym})"
+            return f"W{bits}A8 {acts['mode']}/{acts['granularity']} ({gran}{sym})"
+        if self.precision == "skip":
+            return "unchanged"
+        return f"{self.precision} storage"
+
+
+@dataclass
+class Plan:
+    """Resolved per-module plan; ordered as the modules appear in the model."""
+
+    entries: List[ModuleSpec]
+    preset: str = ""
+    model_type: str = ""
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, name: str) -> ModuleSpec:
+        for entry in self.entries:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
+
+    def get(self, name: str) -> Optional[ModuleSpec]:
+        for entry in self.entries:
+            if entry.name == name:
+                return entry
+        return None
+
+    def by_precision(self) -> Dict[str, int]:
+        counts: Dict[str, int] = {}
+        for entry in self.entries:
+            counts[entry.precision] = counts.get(entry.precision, 0) + 1
+        return counts
+
+    def quantized_names(self) -> List[str]:
+        return [e.name for e in self.entries if e.quantized and e.kind != "embedding"]
+
+    def table(self) -> str:
+        """Aligned text table: module, kind, class, precision, scheme, shape, decided by."""
+        rows = [("module", "kind", "class", "precision", "scheme", "shape", "decided by")]
+        for e in self.entries:
+            rows.append(
+                (e.name, e.kind, e.module_class, e.precision, e.describe(), f"{e.out_features}x{e.in_features}",
+                 e.source + (f" (tied to {e.tied_to})" if e.tied_to else ""))
+            )
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{n} {p}" for p, n in sorted(self.by_precision().items()))
+        return f"hfptq plan ({self.preset or 'custom'}): {len(self.entries)} modules: {counts}"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"preset": self.preset, "model_type": self.model_type, "modules": [asdict(e) for e in self.entries]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
+        try:
+            entries = [ModuleSpec(**dict(m)) for m in data["modules"]]
+        except (KeyError, TypeError) as exc:
+            from .errors import CheckpointError
+
+            raise CheckpointError(
+                f"The stored hfptq plan is malformed ({exc}); the checkpoint's config.json was edited or corrupted. "
+                "Re-quantize the float model, or restore config.json."
+            ) from exc
+        return cls(entries=entries, preset=data.get("preset", ""), model_type=data.get("model_type", ""))
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution
+# --------------------------------------------------------------------------------------------
+
+
+def _target_matches(target: str, name: str, module: nn.Module, kind: str) -> bool:
+    if target.startswith("re:"):
+        return re.search(target[3:], name) is not None
+    if target.startswith("kind:"):
+        return kind == target[5:]
+    if type(module).__name__ == target:
+        return True
+    return name == target or name.endswith("." + target)
+
+
+def _classify(name: str, patterns: Mapping[str, List[str]]) -> Optional[str]:
+    for kind in ("lm_head", "attention", "ffn"):
+        for pattern in patterns.get(kind, []):
+            if re.search(pattern, name):
+                return kind
+    return None
+
+
+def select_preset(model: nn.Module, preset: str) -> Tuple[str, Optional[Dict[str, List[str]]]]:
+    """Return ``(preset_name, patterns)``; patterns is ``None`` for the structural fallback."""
+    model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
+    if preset == "auto":
+        if model_type in PRESETS:
+            return model_type, PRESETS[model_type]
+        return "structural", None
+    if preset == "structural":
+        return "structural", None
+    if preset not in PRESETS:
+        from .errors import suggest
+
+        raise PlanError(
+            f"preset={preset!r} is unknown.{suggest(preset, PRESETS)} Known presets: {', '.join(sorted(PRESETS))}, "
+            "'auto' or 'structural'."
+        )
+    return preset, PRESETS[preset]
+
+
+def _tied_lm_head(model: nn.Module) -> bool:
+    get_out = getattr(model, "get_output_embeddings", None)
+    get_in = getattr(model, "get_input_embeddings", None)
+    if get_out is None or get_in is None:
+        return False
+    out, inp = get_out(), get_in()
+    if out is None or inp is None or not hasattr(out, "weight") or not hasattr(inp, "weight"):
+        return False
+    if not isinstance(out.weight, torch.Tensor) or not isinstance(inp.weight, torch.Tensor):
+        return False
+    if out.weight is inp.weight:
+        return True
+    return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False)) and out.weight.shape == inp.weight.shape
+
+
+def resolve_plan(model: nn.Module, config: HfPtqConfig) -> Plan:
+    """Build the :class:`Plan` for ``model`` from ``config`` (rules first, then the preset's kinds).
+
+    Raises:
+        PlanError: a rule matches nothing or is fully shadowed by earlier rules, the architecture
+            has no preset and its linears cannot be classified, or a module cannot take the
+            requested precision (e.g. group size not dividing ``in_features``).
+    """
+    preset_name, patterns = select_preset(model, config.preset)
+    model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
+    rules = list(config.rules)
+    if config.modules_to_not_convert:
+        rules = rules + [{"targets": list(config.modules_to_not_convert), "precision": "skip",
+                          "name": "modules_to_not_convert"}]
+
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    candidates: List[Tuple[str, nn.Module, str]] = []
+    unclassified: List[str] = []
+    for name, module in model.named_modules():
+        if is_quantizable_linear(module):
+            kind = _classify(name, patterns if patterns is not None else _STRUCTURAL)
+            if kind is None and out_emb is not None and module is out_emb:
+                kind = "lm_head"
+            if kind is None:
+                unclassified.append(name)
+                kind = "other"
+            candidates.append((name, module, kind))
+        elif in_emb is not None and module is in_emb and isinstance(module, nn.Embedding):
+            candidates.append((name, module, "embedding"))
+
+    n_linear = sum(1 for _, _, k in candidates if k != "embedding")
+    if patterns is None and n_linear and len(unclassified) == n_linear and not rules:
+        example = unclassified[0]
+        raise PlanError(
+            f"No hfptq preset for model_type={model_type!r} and its {n_linear} linear layers (e.g. {example!r}) "
+            "cannot be classified as attention/FFN from their names. Write rules, e.g. "
+            "rules=[{'targets': ['re:attn'], 'precision': 'fp16'}, {'targets': ['re:mlp'], 'precision': 'int8'}], "
+            f"or pass preset= one of {', '.join(sorted(PRESETS))}."
+        )
+
+    rule_hits = [0] * len(rules)
+    rule_matches = [0] * len(rules)
+    entries: List[ModuleSpec] = []
+    for name, module, kind in candidates:
+        chosen: Optional[Tuple[int, Mapping[str, Any]]] = None
+        for index, rule in enumerate(rules):
+            if any(_target_matches(t, name, module, kind) for t in rule["targets"]):
+                rule_matches[index] += 1
+                if chosen is None:
+                    chosen = (index, rule)
+                    rule_hits[index] += 1
+        if kind == "embedding":
+            in_f, out_f = module.embedding_dim, module.num_embeddings
+            has_bias = False
+        else:
+            in_f, out_f = linear_shape(module)
+            has_bias = getattr(module, "bias", None) is not None
+        if chosen is not None:
+            index, rule = chosen
+            label = rule.get("name") or f"rules[{index}]"
+            spec = _spec_from(name, kind, module, rule["precision"], config, rule, label, in_f, out_f, has_bias)
+        else:
+            precision = config.scheme.get(kind, "skip")
+            label = f"scheme.{kind} ({preset_name})" if kind != "other" else "no preset/rule matched"
+            spec = _spec_from(name, kind, module, precision, config, None, label, in_f, out_f, has_bias)
+        entries.append(spec)
+
+    for index, rule in enumerate(rules):
+        label = rule.get("name") or f"rules[{index}]"
+        if rule_matches[index] == 0:
+            raise PlanError(
+                f"{label} (targets={rule['targets']}) matches no module. Targets are class names, module names or "
+                "suffixes ('down_proj'), 're:<regex>' searched in the full name, or 'kind:<attention|ffn|lm_head>'. "
+                "Print the candidate names with `hfptq plan` or hfptq.resolve_plan(model, config).table()."
+            )
+        if rule_hits[index] == 0:
+            raise PlanError(
+                f"{label} (targets={rule['targets']}, precision={rule['precision']!r}) conflicts with earlier rules: "
+                "every module it matches is already claimed by a rule before it, so it never applies. "
+                "Reorder the rules (the first match wins) or remove it."
+            )
+
+    _tie_embedding(model, entries)
+    plan = Plan(entries=entries, preset=preset_name, model_type=model_type)
+    return plan
+
+
+def _spec_from(name, kind, module, precision, config: HfPtqConfig, rule, label, in_f, out_f, has_bias) -> ModuleSpec:
+    spec = ModuleSpec(
+        name=name, kind=kind, module_class=type(module).__name__, precision=precision,
+        in_features=in_f, out_features=out_f, has_bias=has_bias, source=label,
+    )
+    if _is_conv1d(module):
+        spec.extra["conv1d"] = True
+    if kind == "embedding":
+        scale = getattr(module, "embed_scale", None)
+        if scale is not None:
+            spec.extra["embed_scale"] = float(scale.item() if isinstance(scale, torch.Tensor) else scale)
+        if getattr(module, "padding_idx", None) is not None:
+            spec.extra["padding_idx"] = int(module.padding_idx)
+    if precision in INT_PRECISIONS:
+        base_w = config.weights if precision == "int8" else None
+        if precision == "int8" and config.weights["bits"] != 8:
+            base_w = None
+        wover = dict((rule or {}).get("weights") or {})
+        wover.setdefault("bits", 4 if precision == "int4" else 8)
+        spec.weights = normalize_weight_args(wover, f"{label}.weights", base=base_w)
+        if kind == "embedding":
+            spec.activations = {"mode": "none"}
+        else:
+            if rule is not None and rule.get("activations") is not None:
+                spec.activations = normalize_activation_args(rule["activations"], f"{label}.activations",
+                                                             base=config.activations)
+            elif precision == "int4":
+                spec.activations = {"mode": "none"}
+            else:
+                spec.activations = dict(config.activations)
+        _validate_quant_spec(spec, config)
+    return spec
+
+
+def _validate_quant_spec(spec: ModuleSpec, config: HfPtqConfig) -> None:
+    w, a = spec.weights, spec.activations
+    if w["granularity"] == "group" and spec.in_features % w["group_size"] != 0:
+        raise PlanError(
+            f"{spec.source}: group_size={w['group_size']} does not divide in_features={spec.in_features} of "
+            f"{spec.name!r}. Use a divisor of {spec.in_features} (e.g. {_divisor_hint(spec.in_features, w['group_size'])}) "
+            "or granularity='channel' for this module (add a rule)."
+        )
+    if w["bits"] == 4 and spec.in_features % 2 and w["granularity"] != "group":
+        raise PlanError(f"{spec.name!r}: int4 packing needs an even in_features (got {spec.in_features}).")
+    if a["mode"] != "none" and config.mode == "real":
+        if w["granularity"] == "group":
+            raise PlanError(
+                f"{spec.source}: {spec.name!r} has per-group weights and {a['mode']} activations; the integer matmul "
+                "needs per-channel weights. Set activations='none' (weight-only) or granularity='channel'."
+            )
+        if w["bits"] == 4:
+            raise PlanError(
+                f"{spec.source}: int4 weights run weight-only; set activations='none' for {spec.name!r}."
+            )
+        if a["mode"] == "static" and a.get("granularity") == "channel":
+            raise PlanError(
+                f"{spec.source}: static per-channel activation scales cannot be factored out of an integer matmul; "
+                "use granularity='tensor' (or mode='fake' to study per-channel scales)."
+            )
+        if not w["symmetric"]:
+            raise PlanError(
+                f"{spec.source}: W8A8 integer matmul needs symmetric weights for {spec.name!r}; set "
+                "weights.symmetric=True (activations may stay asymmetric)."
+            )
+
+
+def _divisor_hint(n: int, near: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: (abs(d - near), -d))
+
+
+def _tie_embedding(model: nn.Module, entries: List[ModuleSpec]) -> None:
+    """When the LM head is quantized and tied to the input embedding, the embedding shares its int storage."""
+    lm = next((e for e in entries if e.kind == "lm_head"), None)
+    emb = next((e for e in entries if e.kind == "embedding"), None)
+    if lm is None or emb is None or not _tied_lm_head(model):
+        return
+    if lm.quantized:
+        emb.precision = lm.precision
+        emb.weights = dict(lm.weights)
+        emb.activations = {"mode": "none"}
+        emb.tied_to = lm.name
+        emb.source = f"tied to {lm.name}"
+        return
+    if lm.precision != "skip" or emb.precision != "skip":
+        raise PlanError(
+            f"{lm.name!r} and {emb.name!r} share one weight (tie_word_embeddings): quantize the LM head "
+            f"(int8/int4; the embedding then shares its integer storage) or leave both 'skip' "
+            f"(got {lm.name}={lm.precision}, {emb.name}={emb.precision})."
+        )

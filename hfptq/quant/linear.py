@@ -1,0 +1,359 @@
+"""Quantized modules: int8/int4 Linear, float-storage Linear, quantized (tied) Embedding.
+
+They are plain ``nn.Module`` subclasses (not ``nn.Linear``) so Transformers' weight initialisation
+never touches their integer buffers; each one exposes ``in_features``/``out_features`` like a
+Linear. All state lives in persistent buffers whose names are the checkpoint keys:
+
+* ``qweight``: int8 ``[out, in]`` (int4: uint8 ``[out, in/2]``, two values per byte)
+* ``weight_scale``: float32 ``[out or 1, n_groups]``; ``weight_zero_point``: int8 (asymmetric only)
+* ``input_scale`` / ``input_zero_point``: static activation qparams (scalars)
+* ``bias``: float parameter, as in ``nn.Linear``
+
+The float ``weight`` key is deliberately absent: a float model cannot mistake these for its weights.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels import int8_matmul
+from .qparams import (
+    dequantize,
+    dequantize_weight,
+    fake_quantize,
+    pack_int4,
+    qrange,
+    quantize,
+    quantize_per_token,
+    quantize_weight,
+    unpack_int4,
+)
+
+
+def resolve_compute_dtype(setting: str, device: torch.device, storage: torch.dtype) -> torch.dtype:
+    """Compute dtype for float-storage and weight-only modules.
+
+    ``"auto"``: on CUDA compute in the storage dtype; on CPU never in float16 (about 200x slower
+    than float32 there), use bfloat16 instead.
+    """
+    if setting != "auto":
+        return getattr(torch, setting)
+    if device.type == "cpu" and storage == torch.float16:
+        return torch.bfloat16
+    return storage
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with integer weights.
+
+    Execution (``act_mode``):
+        * ``"none"``: weight-only; weights dequantized to ``compute_dtype`` (W8A16/W8A32, W4A16).
+        * ``"dynamic"``: activations quantized per token at run time, integer matmul, rescale.
+        * ``"static"``: activations quantized with the frozen per-tensor ``input_scale``.
+        * ``fake=True``: the same quantization simulated in floating point (for study only).
+
+    Example:
+        >>> lin = torch.nn.Linear(64, 32)
+        >>> q = QuantLinear.from_float(lin, weight_args={"bits": 8, "symmetric": True, "granularity": "channel"},
+        ...                            act_args={"mode": "dynamic"})
+        >>> q(torch.randn(2, 64)).shape
+        torch.Size([2, 32])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        weight_args: Optional[Dict[str, Any]] = None,
+        act_args: Optional[Dict[str, Any]] = None,
+        fake: bool = False,
+        compute_dtype: str = "auto",
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        weight_args = dict(weight_args or {"bits": 8, "symmetric": True, "granularity": "channel"})
+        act_args = dict(act_args or {"mode": "none"})
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight_bits = int(weight_args.get("bits", 8))
+        self.weight_symmetric = bool(weight_args.get("symmetric", True))
+        self.weight_granularity = weight_args.get("granularity", "channel")
+        self.group_size = weight_args.get("group_size")
+        self.act_mode = act_args.get("mode", "none")
+        self.act_symmetric = bool(act_args.get("symmetric", True))
+        self.act_bits = int(act_args.get("bits", 8))
+        self.fake = fake
+        self.compute_dtype_setting = compute_dtype
+        rows = 1 if self.weight_granularity == "tensor" else out_features
+        groups = in_features // self.group_size if self.weight_granularity == "group" else 1
+        if self.weight_bits == 4:
+            self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        else:
+            self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(rows, groups, dtype=torch.float32, device=device))
+        if not self.weight_symmetric:
+            self.register_buffer("weight_zero_point", torch.empty(rows, groups, dtype=torch.int8, device=device))
+        else:
+            self.weight_zero_point = None
+        if self.act_mode == "static":
+            self.register_buffer("input_scale", torch.empty((), dtype=torch.float32, device=device))
+            if not self.act_symmetric:
+                self.register_buffer("input_zero_point", torch.empty((), dtype=torch.int32, device=device))
+            else:
+                self.input_zero_point = None
+        else:
+            self.input_scale = None
+            self.input_zero_point = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._weight_rowsum: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Module,
+        weight_args: Dict[str, Any],
+        act_args: Optional[Dict[str, Any]] = None,
+        *,
+        fake: bool = False,
+        compute_dtype: str = "auto",
+        weight: Optional[torch.Tensor] = None,
+        input_qparams: Optional[tuple] = None,
+        weight_qparams: Optional[tuple] = None,
+    ) -> "QuantLinear":
+        """Quantize a float ``nn.Linear`` (or GPT-2 ``Conv1D``).
+
+        Args:
+            weight: an already transformed ``[out, in]`` float weight (e.g. after SmoothQuant or
+                GPTQ); defaults to the module's own weight.
+            input_qparams: ``(scale, zero_point)`` of static activations.
+            weight_qparams: ``(scale, zero_point)`` chosen by an observer/GPTQ.
+        """
+        if weight is None:
+            weight = module.weight.detach()
+            if type(module).__name__ == "Conv1D":
+                weight = weight.t()
+        out_features, in_features = weight.shape
+        bias = getattr(module, "bias", None)
+        q = cls(
+            in_features, out_features, bias is not None, weight_args=weight_args, act_args=act_args, fake=fake,
+            compute_dtype=compute_dtype, dtype=bias.dtype if bias is not None else None, device=weight.device,
+        )
+        q.set_weight(weight, weight_qparams)
+        if bias is not None:
+            q.bias.data.copy_(bias.detach())
+        if q.act_mode == "static":
+            if input_qparams is None:
+                raise ValueError("static activations need input_qparams=(scale, zero_point) from calibration")
+            q.set_input_qparams(*input_qparams)
+        return q
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor, qparams: Optional[tuple] = None) -> None:
+        """Quantize and store a float ``[out, in]`` weight."""
+        scale, zp = (None, None) if qparams is None else qparams
+        q, scale, zp = quantize_weight(
+            weight, self.weight_bits, self.weight_symmetric, self.weight_granularity, self.group_size,
+            scale=scale, zero_point=zp,
+        )
+        self.qweight.data = (pack_int4(q) if self.weight_bits == 4 else q).to(self.qweight.device)
+        self.weight_scale.data = scale.to(self.weight_scale.device)
+        if zp is not None:
+            self.weight_zero_point.data = zp.to(self.weight_scale.device)
+        self._weight_rowsum = None
+
+    @torch.no_grad()
+    def set_input_qparams(self, scale: torch.Tensor, zero_point: Optional[torch.Tensor] = None) -> None:
+        self.input_scale.data = torch.as_tensor(scale, dtype=torch.float32, device=self.weight_scale.device).reshape(())
+        if self.input_zero_point is not None:
+            zp = torch.as_tensor(0 if zero_point is None else zero_point, device=self.weight_scale.device)
+            self.input_zero_point.data = zp.to(torch.int32).reshape(())
+
+    # ------------------------------------------------------------------ helpers
+    def int_weight(self) -> torch.Tensor:
+        """Integer weight values as int8 ``[out, in]`` (int4 unpacked)."""
+        return unpack_int4(self.qweight) if self.weight_bits == 4 else self.qweight
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Float ``[out, in]`` weight that the integer weight represents."""
+        return dequantize_weight(self.int_weight(), self.weight_scale, self.weight_zero_point, dtype)
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        if self.compute_dtype_setting == "auto":
+            # weight-only on CPU: bf16 for half inputs, else the input dtype
+            return torch.bfloat16 if (x.device.type == "cpu" and x.dtype == torch.float16) else x.dtype
+        return getattr(torch, self.compute_dtype_setting)
+
+    def extra_repr(self) -> str:
+        gran = self.weight_granularity if self.weight_granularity != "group" else f"group{self.group_size}"
+        mode = "fake" if self.fake else "real"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"w=int{self.weight_bits}/{gran}/{'sym' if self.weight_symmetric else 'asym'}, act={self.act_mode}, {mode}"
+        )
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fake:
+            return self._forward_fake(x)
+        if self.act_mode == "none":
+            cd = self._compute_dtype(x)
+            w = self.dequantized_weight(cd)
+            bias = None if self.bias is None else self.bias.to(cd)
+            return F.linear(x.to(cd), w, bias).to(x.dtype)
+        return self._forward_int8(x)
+
+    def _quantize_input(self, x2: torch.Tensor):
+        if self.act_mode == "dynamic":
+            return quantize_per_token(x2, self.act_bits, self.act_symmetric)
+        zp = self.input_zero_point
+        xq = quantize(x2, self.input_scale, zp, self.act_bits, self.act_symmetric)
+        return xq, self.input_scale, zp
+
+    def _forward_int8(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xq, xs, xz = self._quantize_input(x2)
+        acc = int8_matmul(xq, self.qweight)
+        if xz is not None:
+            # (x_q - z) @ W^T = x_q @ W^T - z * rowsum(W)
+            if self._weight_rowsum is None or self._weight_rowsum.device != acc.device:
+                self._weight_rowsum = self.qweight.to(torch.int32).sum(dim=1)
+            acc = acc - xz.to(torch.int32).reshape(-1, 1) * self._weight_rowsum.reshape(1, -1)
+        y = acc.to(torch.float32) * (xs.reshape(-1, 1) if xs.dim() else xs) * self.weight_scale.reshape(1, -1)
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float32)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def _forward_fake(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        if self.act_mode == "dynamic":
+            xq, xs, xz = quantize_per_token(xf, self.act_bits, self.act_symmetric)
+            xf = dequantize(xq, xs, xz)
+        elif self.act_mode == "static":
+            xf = fake_quantize(xf, self.input_scale, self.input_zero_point, self.act_bits, self.act_symmetric)
+        w = self.dequantized_weight(torch.float32)
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(xf, w, bias).to(x.dtype)
+
+
+class FloatLinear(nn.Module):
+    """Linear kept in a float *storage* dtype (e.g. FP16) that computes in ``compute_dtype``.
+
+    On CPU, FP16 matmul is about 200x slower than FP32, so ``compute_dtype="auto"`` computes FP16
+    storage in bfloat16 there (and in FP16 on CUDA). The output is returned in the input dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
+                 storage_dtype: torch.dtype = torch.float16, compute_dtype: str = "auto",
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.storage_dtype = storage_dtype
+        self.compute_dtype_setting = compute_dtype
+        # buffers, not parameters: Transformers takes the model dtype from the first float *parameter*,
+        # and FP16 storage must not turn an FP32 model's config.json into dtype=float16.
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=storage_dtype, device=device))
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=storage_dtype, device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_float(cls, module: nn.Module, storage_dtype: torch.dtype, compute_dtype: str = "auto") -> "FloatLinear":
+        weight = module.weight.detach()
+        if type(module).__name__ == "Conv1D":
+            weight = weight.t()
+        bias = getattr(module, "bias", None)
+        out = cls(weight.shape[1], weight.shape[0], bias is not None, storage_dtype=storage_dtype,
+                  compute_dtype=compute_dtype, device=weight.device)
+        out.weight.data = weight.to(storage_dtype).contiguous()
+        if bias is not None:
+            out.bias.data = bias.detach().to(storage_dtype)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cd = resolve_compute_dtype(self.compute_dtype_setting, x.device, self.storage_dtype)
+        bias = None if self.bias is None else self.bias.to(cd)
+        return F.linear(x.to(cd), self.weight.to(cd), bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"storage={str(self.storage_dtype).replace('torch.', '')}, compute={self.compute_dtype_setting}")
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding lookup from integer rows (per-row scales), optionally sharing a tied LM head's storage.
+
+    With ``tied_to`` set, the integer table is the LM head's ``qweight`` (one row per token, scale
+    per row), so the 4x saving of the tied matrix counts once and nothing is stored twice.
+    ``embed_scale`` reproduces scaled embeddings (Gemma multiplies by ``sqrt(hidden_size)``).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, weight_args: Optional[Dict[str, Any]] = None,
+                 padding_idx: Optional[int] = None, embed_scale: Optional[float] = None,
+                 output_dtype: torch.dtype = torch.float32, tied_to: Optional[QuantLinear] = None,
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx
+        self.embed_scale = embed_scale
+        self.output_dtype = output_dtype
+        if tied_to is not None:
+            # plain attribute, not a submodule: the storage belongs to the LM head
+            object.__setattr__(self, "_source", tied_to)
+        else:
+            source = QuantLinear(embedding_dim, num_embeddings, False, weight_args=weight_args,
+                                 act_args={"mode": "none"}, device=device)
+            self.table = source  # registered: the buffers are saved under <name>.table.*
+            object.__setattr__(self, "_source", source)
+
+    @property
+    def source(self) -> QuantLinear:
+        return self._source
+
+    def tie_to(self, lm_head: QuantLinear) -> None:
+        object.__setattr__(self, "_source", lm_head)
+
+    @classmethod
+    def from_float(cls, module: nn.Embedding, weight_args: Dict[str, Any], *, tied_to: Optional[QuantLinear] = None,
+                   embed_scale: Optional[float] = None) -> "QuantEmbedding":
+        out = cls(module.num_embeddings, module.embedding_dim, weight_args=weight_args,
+                  padding_idx=module.padding_idx, embed_scale=embed_scale, output_dtype=module.weight.dtype,
+                  tied_to=tied_to, device=module.weight.device)
+        if tied_to is None:
+            out.table.set_weight(module.weight.detach())
+        return out
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        src = self._source
+        q = F.embedding(input_ids, src.qweight)
+        if src.weight_bits == 4:
+            q = unpack_int4(q)
+        scale = src.weight_scale
+        rows = scale.shape[0]
+        idx = input_ids if rows > 1 else torch.zeros_like(input_ids)
+        s = F.embedding(idx, scale)  # [..., n_groups]
+        x = q.float().reshape(*q.shape[:-1], s.shape[-1], -1)
+        if src.weight_zero_point is not None:
+            z = F.embedding(idx, src.weight_zero_point.to(torch.int32)).float()
+            x = x - z.unsqueeze(-1)
+        out = (x * s.unsqueeze(-1)).reshape(*input_ids.shape, self.embedding_dim).to(self.output_dtype)
+        if self.embed_scale is not None:
+            out = out * torch.tensor(self.embed_scale, dtype=self.output_dtype, device=out.device)
+        return out
+
+    def extra_repr(self) -> str:
+        tied = "tied to LM head" if not hasattr(self, "table") else "own table"
+        return f"{self.num_embeddings}, {self.embedding_dim}, int{self._source.weight_bits}, {tied}"

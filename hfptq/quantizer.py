@@ -1,0 +1,76 @@
+"""Thin Transformers adapter: ``HfQuantizer`` hooks that delegate to :mod:`hfptq.api`.
+
+* Quantize at load (float checkpoint + ``HfPtqConfig``): the float model loads normally; after
+  loading, :func:`hfptq.api.quantize_model` plans, calibrates and converts it.
+* Reload (checkpoint whose ``config.json`` holds an hfptq ``quantization_config``): before
+  loading, the stored plan rebuilds the quantized skeleton on the meta device and the saved
+  integer tensors load into it by name; nothing is recalibrated.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+from .config import QUANT_METHOD, HfPtqConfig
+
+
+class HfPtqQuantizer(HfQuantizer):
+    """Transformers quantizer for ``quant_method="hfptq"``."""
+
+    requires_calibration = False
+    required_packages = ["torch"]
+
+    def __init__(self, quantization_config: HfPtqConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self._dtype: Optional[torch.dtype] = None
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def update_dtype(self, dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+        self._dtype = dtype
+        return dtype
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
+        return False
+
+    def _process_model_before_weight_loading(self, model, **kwargs: Any) -> None:
+        if not self.pre_quantized:
+            return
+        from .checkpoint import prepare_reload
+
+        prepare_reload(model, self.quantization_config, dtype=self._dtype)
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any) -> None:
+        if self.pre_quantized:
+            from .checkpoint import finish_reload
+
+            finish_reload(model, self.quantization_config)
+            return
+        from .api import quantize_model
+
+        quantize_model(model, self.quantization_config)
+        model.config.quantization_config = self.quantization_config
+
+    def is_serializable(self, safe_serialization: Any = None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    def _dequantize(self, model, dtype=None):
+        from .checkpoint import dequantize_model
+
+        return dequantize_model(model, dtype)
+
+
+def register() -> None:
+    """Register the config and quantizer with Transformers (idempotent)."""
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is None:
+        register_quantization_config(QUANT_METHOD)(HfPtqConfig)
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is None:
+        register_quantizer(QUANT_METHOD)(HfPtqQuantizer)
