@@ -7,6 +7,7 @@ precision appear in the plan as ``skip`` with the reason.
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
@@ -21,6 +22,8 @@ from .config import (
     normalize_weight_args,
 )
 from .errors import PlanError
+
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
 # Architecture presets: which module names are attention projections, FFN linears, LM head.
@@ -38,7 +41,13 @@ PRESETS: Dict[str, Dict[str, List[str]]] = {
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
-    "gemma3": {**_LLAMA_LIKE},
+    # Gemma 3 multimodal (Gemma3ForConditionalGeneration): the language model only; the SigLIP
+    # vision tower and the projector stay as they are ('other' -> skip), visible in the plan.
+    "gemma3": {
+        "attention": [r"language_model\.(?:.*\.)?self_attn\.(q|k|v|o)_proj$"],
+        "ffn": [r"language_model\.(?:.*\.)?mlp\.(gate|up|down)_proj$"],
+        "lm_head": [r"^lm_head$"],
+    },
     "gemma3_text": _LLAMA_LIKE,
     "phi3": {
         "attention": [r"self_attn\.(qkv_proj|o_proj)$"],
@@ -58,7 +67,7 @@ PRESETS: Dict[str, Dict[str, List[str]]] = {
     "gpt_neox": {
         "attention": [r"attention\.(query_key_value|dense)$"],
         "ffn": [r"mlp\.(dense_h_to_4h|dense_4h_to_h)$"],
-        "lm_head": [r"^embed_out$"],
+        "lm_head": [r"^(embed_out|lm_head)$"],
     },
     "bert": {
         "attention": [r"attention\.self\.(query|key|value)$", r"attention\.output\.dense$"],
@@ -172,12 +181,19 @@ class Plan:
         return [e.name for e in self.entries if e.quantized and e.kind != "embedding"]
 
     def table(self) -> str:
-        """Aligned text table: module, kind, class, precision, scheme, shape, decided by."""
-        rows = [("module", "kind", "class", "precision", "scheme", "shape", "decided by")]
+        """Aligned text table: module, kind, class, precision, scheme, shape (out x in), decided by.
+
+        Example:
+            >>> print(resolve_plan(model, HfPtqConfig()).table())  # doctest: +SKIP
+            module                        kind  class   precision  scheme                        out x in  decided by
+            ...
+            model.layers.0.mlp.down_proj  ffn   Linear  int8       W8A8 dynamic/token (channel)  64x128    scheme.ffn (llama)
+        """
+        rows = [("module", "kind", "class", "precision", "scheme", "out x in", "decided by")]
         for e in self.entries:
             rows.append(
                 (e.name, e.kind, e.module_class, e.precision, e.describe(), f"{e.out_features}x{e.in_features}",
-                 e.source + (f" (tied to {e.tied_to})" if e.tied_to else ""))
+                 e.source + (f" (tied to {e.tied_to})" if e.tied_to and e.tied_to not in e.source else ""))
             )
         widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -263,22 +279,44 @@ def _tied_lm_head(model: nn.Module) -> bool:
 
 
 def resolve_plan(model: nn.Module, config: HfPtqConfig) -> Plan:
-    """Build the :class:`Plan` for ``model`` from ``config`` (rules first, then the preset's kinds).
+    """Build the :class:`Plan` for ``model`` from ``config``.
+
+    Every float ``nn.Linear`` / ``Conv1D`` of the model, and the input embedding, gets one entry.
+    Precedence: ``modules_to_not_convert`` (always ``skip``), then ``config.rules`` in order (the
+    first matching rule wins), then ``config.scheme`` for the module's kind (from the
+    architecture preset, or the structural fallback for architectures without one). Modules of
+    kind ``other`` (classifier heads, poolers, unknown names) are ``skip`` unless a rule says
+    otherwise, and appear in the plan with the reason.
 
     Raises:
-        PlanError: a rule matches nothing or is fully shadowed by earlier rules, the architecture
-            has no preset and its linears cannot be classified, or a module cannot take the
-            requested precision (e.g. group size not dividing ``in_features``).
+        PlanError: a rule matches nothing or is fully shadowed by earlier rules; no linear layer
+            can be classified as attention/FFN and no rule says what to do; a module cannot take
+            the requested precision (e.g. ``group_size`` not dividing ``in_features``).
+
+    Example:
+        >>> plan = resolve_plan(model, HfPtqConfig(rules=[{"targets": "down_proj", "precision": "fp16"}]))  # doctest: +SKIP
+        >>> plan["model.layers.0.mlp.down_proj"].precision  # doctest: +SKIP
+        'fp16'
     """
     preset_name, patterns = select_preset(model, config.preset)
     model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
-    rules = list(config.rules)
+    # (label, rule); labels keep the user's indices so plan sources read 'rules[i]' as written
+    rules: List[Tuple[str, Mapping[str, Any]]] = []
     if config.modules_to_not_convert:
-        rules = rules + [{"targets": list(config.modules_to_not_convert), "precision": "skip",
-                          "name": "modules_to_not_convert"}]
+        # Transformers' convention: these modules are never converted, whatever the other rules say.
+        rules.append(("modules_to_not_convert",
+                      {"targets": list(config.modules_to_not_convert), "precision": "skip"}))
+    rules += [(rule.get("name") or f"rules[{index}]", rule) for index, rule in enumerate(config.rules)]
 
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    # Linears owned by nn.MultiheadAttention are read through .weight by its functional forward:
+    # they cannot be swapped for hfptq modules.
+    mha_children = {
+        f"{name}.{child}" if name else child
+        for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)
+        for child, _ in module.named_children()
+    }
     candidates: List[Tuple[str, nn.Module, str]] = []
     unclassified: List[str] = []
     for name, module in model.named_modules():
@@ -286,43 +324,46 @@ def resolve_plan(model: nn.Module, config: HfPtqConfig) -> Plan:
             kind = _classify(name, patterns if patterns is not None else _STRUCTURAL)
             if kind is None and out_emb is not None and module is out_emb:
                 kind = "lm_head"
-            if kind is None:
+            if kind is None or name in mha_children:
                 unclassified.append(name)
                 kind = "other"
             candidates.append((name, module, kind))
         elif in_emb is not None and module is in_emb and isinstance(module, nn.Embedding):
             candidates.append((name, module, "embedding"))
 
-    n_linear = sum(1 for _, _, k in candidates if k != "embedding")
-    if patterns is None and n_linear and len(unclassified) == n_linear and not rules:
-        example = unclassified[0]
-        raise PlanError(
-            f"No hfptq preset for model_type={model_type!r} and its {n_linear} linear layers (e.g. {example!r}) "
-            "cannot be classified as attention/FFN from their names. Write rules, e.g. "
-            "rules=[{'targets': ['re:attn'], 'precision': 'fp16'}, {'targets': ['re:mlp'], 'precision': 'int8'}], "
-            f"or pass preset= one of {', '.join(sorted(PRESETS))}."
+    linears = [(n, k) for n, _, k in candidates if k != "embedding"]
+    if linears and not config.rules and not any(k in ("attention", "ffn") for _, k in linears):
+        raise PlanError(_unclassifiable_message(preset_name, model_type, [n for n, _ in linears]))
+    if patterns is None and unclassified:
+        logger.warning(
+            "hfptq: no preset for model_type=%r; %d linear layer(s) could not be classified from their names and "
+            "stay unchanged (e.g. %s). Add rules to quantize them.", model_type, len(unclassified),
+            ", ".join(repr(n) for n in unclassified[:3]),
         )
 
     rule_hits = [0] * len(rules)
     rule_matches = [0] * len(rules)
     entries: List[ModuleSpec] = []
     for name, module, kind in candidates:
-        chosen: Optional[Tuple[int, Mapping[str, Any]]] = None
-        for index, rule in enumerate(rules):
-            if any(_target_matches(t, name, module, kind) for t in rule["targets"]):
-                rule_matches[index] += 1
-                if chosen is None:
-                    chosen = (index, rule)
-                    rule_hits[index] += 1
         if kind == "embedding":
             in_f, out_f = module.embedding_dim, module.num_embeddings
             has_bias = False
         else:
             in_f, out_f = linear_shape(module)
             has_bias = getattr(module, "bias", None) is not None
+        if name in mha_children:
+            entries.append(_spec_from(name, kind, module, "skip", config, None,
+                                      "inside nn.MultiheadAttention (not convertible)", in_f, out_f, has_bias))
+            continue
+        chosen: Optional[Tuple[str, Mapping[str, Any]]] = None
+        for index, (label, rule) in enumerate(rules):
+            if any(_target_matches(t, name, module, kind) for t in rule["targets"]):
+                rule_matches[index] += 1
+                if chosen is None:
+                    chosen = (label, rule)
+                    rule_hits[index] += 1
         if chosen is not None:
-            index, rule = chosen
-            label = rule.get("name") or f"rules[{index}]"
+            label, rule = chosen
             spec = _spec_from(name, kind, module, rule["precision"], config, rule, label, in_f, out_f, has_bias)
         else:
             precision = config.scheme.get(kind, "skip")
@@ -330,8 +371,7 @@ def resolve_plan(model: nn.Module, config: HfPtqConfig) -> Plan:
             spec = _spec_from(name, kind, module, precision, config, None, label, in_f, out_f, has_bias)
         entries.append(spec)
 
-    for index, rule in enumerate(rules):
-        label = rule.get("name") or f"rules[{index}]"
+    for index, (label, rule) in enumerate(rules):
         if rule_matches[index] == 0:
             raise PlanError(
                 f"{label} (targets={rule['targets']}) matches no module. Targets are class names, module names or "
@@ -339,15 +379,36 @@ def resolve_plan(model: nn.Module, config: HfPtqConfig) -> Plan:
                 "Print the candidate names with `hfptq plan` or hfptq.resolve_plan(model, config).table()."
             )
         if rule_hits[index] == 0:
+            earlier = [lab for lab, _ in rules[:index]]
             raise PlanError(
-                f"{label} (targets={rule['targets']}, precision={rule['precision']!r}) conflicts with earlier rules: "
-                "every module it matches is already claimed by a rule before it, so it never applies. "
-                "Reorder the rules (the first match wins) or remove it."
+                f"{label} (targets={rule['targets']}, precision={rule['precision']!r}) conflicts with earlier rules "
+                f"({', '.join(earlier)}): every module it matches is already claimed by a rule before it, so it never "
+                "applies. Reorder the rules (the first match wins) or remove it."
             )
 
     _tie_embedding(model, entries)
     plan = Plan(entries=entries, preset=preset_name, model_type=model_type)
     return plan
+
+
+def _unclassifiable_message(preset_name: str, model_type: str, names: List[str]) -> str:
+    leaves: List[str] = []
+    for name in names:
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in leaves:
+            leaves.append(leaf)
+    if preset_name == "structural":
+        head = (f"No hfptq preset for model_type={model_type!r}, and none of its {len(names)} linear layers can be "
+                "classified as attention or FFN from their names")
+    else:
+        head = (f"preset={preset_name!r} classifies none of the {len(names)} linear layers of this model "
+                f"(model_type={model_type!r}) as attention or FFN")
+    return (
+        f"{head} (e.g. {names[0]!r}; layer names: {', '.join(leaves[:8])}). Write rules naming them, e.g. "
+        f"rules=[{{'targets': [<attention layer names>], 'precision': 'fp16'}}, "
+        f"{{'targets': [<feed-forward layer names>], 'precision': 'int8'}}] with names from {leaves[:8]} "
+        f"(or 're:<regex>' patterns), or pass preset= one of {', '.join(sorted(PRESETS))}."
+    )
 
 
 def _spec_from(name, kind, module, precision, config: HfPtqConfig, rule, label, in_f, out_f, has_bias) -> ModuleSpec:
@@ -358,15 +419,23 @@ def _spec_from(name, kind, module, precision, config: HfPtqConfig, rule, label, 
     if _is_conv1d(module):
         spec.extra["conv1d"] = True
     if kind == "embedding":
-        scale = getattr(module, "embed_scale", None)
+        scale = getattr(module, "scalar_embed_scale", None)  # plain float, also on the meta device
+        if scale is None:
+            scale = getattr(module, "embed_scale", None)
+        if isinstance(scale, torch.Tensor) and scale.device.type == "meta":
+            scale = None
         if scale is not None:
             spec.extra["embed_scale"] = float(scale.item() if isinstance(scale, torch.Tensor) else scale)
         if getattr(module, "padding_idx", None) is not None:
             spec.extra["padding_idx"] = int(module.padding_idx)
+    if kind == "embedding" and precision not in INT_PRECISIONS + ("skip",):
+        raise PlanError(
+            f"{label}: the embedding {name!r} cannot be stored as {precision!r}; embeddings are 'int8'/'int4' "
+            "(weight-only lookup) or 'skip'. Set scheme={'embedding': 'skip'} or add a rule with precision='int8'."
+        )
     if precision in INT_PRECISIONS:
-        base_w = config.weights if precision == "int8" else None
-        if precision == "int8" and config.weights["bits"] != 8:
-            base_w = None
+        # the top-level weights are the defaults of the integer precision with the same bit width
+        base_w = config.weights if config.weights["bits"] == (4 if precision == "int4" else 8) else None
         wover = dict((rule or {}).get("weights") or {})
         wover.setdefault("bits", 4 if precision == "int4" else 8)
         spec.weights = normalize_weight_args(wover, f"{label}.weights", base=base_w)
@@ -388,12 +457,21 @@ def _validate_quant_spec(spec: ModuleSpec, config: HfPtqConfig) -> None:
     w, a = spec.weights, spec.activations
     if w["granularity"] == "group" and spec.in_features % w["group_size"] != 0:
         raise PlanError(
-            f"{spec.source}: group_size={w['group_size']} does not divide in_features={spec.in_features} of "
-            f"{spec.name!r}. Use a divisor of {spec.in_features} (e.g. {_divisor_hint(spec.in_features, w['group_size'])}) "
-            "or granularity='channel' for this module (add a rule)."
+            f"{spec.source}: weights.group_size={w['group_size']} does not divide in_features={spec.in_features} of "
+            f"{spec.name!r}. Use a group_size dividing {spec.in_features} (e.g. "
+            f"{_divisor_hint(spec.in_features, w['group_size'])}), or granularity='channel' for this module "
+            f"(a rule {{'targets': [{spec.name!r}], 'precision': {spec.precision!r}, "
+            "'weights': {'granularity': 'channel'}})."
+            + (" int4 modules take their defaults from the top-level weights= only with weights.bits=4, e.g. "
+               f"weights={{'bits': 4, 'group_size': {_divisor_hint(spec.in_features, w['group_size'])}}}."
+               if spec.precision == "int4" and config.weights["bits"] != 4
+               else "")
         )
-    if w["bits"] == 4 and spec.in_features % 2 and w["granularity"] != "group":
-        raise PlanError(f"{spec.name!r}: int4 packing needs an even in_features (got {spec.in_features}).")
+    if w["bits"] == 4 and spec.in_features % 2:
+        raise PlanError(
+            f"{spec.source}: {spec.name!r} has an odd in_features={spec.in_features}; int4 packs two values per byte "
+            f"along in_features. Keep this module in int8 (a rule {{'targets': [{spec.name!r}], 'precision': 'int8'}})."
+        )
     if a["mode"] != "none" and config.mode == "real":
         if w["granularity"] == "group":
             raise PlanError(
@@ -417,8 +495,9 @@ def _validate_quant_spec(spec: ModuleSpec, config: HfPtqConfig) -> None:
 
 
 def _divisor_hint(n: int, near: int) -> int:
-    divisors = [d for d in range(1, n + 1) if n % d == 0]
-    return min(divisors, key=lambda d: (abs(d - near), -d))
+    """Largest divisor of ``n`` not above ``near`` (smaller groups keep the accuracy), else ``n``."""
+    below = [d for d in range(1, min(n, near) + 1) if n % d == 0]
+    return below[-1] if below else n
 
 
 def _tie_embedding(model: nn.Module, entries: List[ModuleSpec]) -> None:

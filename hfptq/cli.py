@@ -1,0 +1,163 @@
+"""``hfptq`` command line: ``run``, ``eval``, ``plan``, ``recipes``, ``model``.
+
+Every command is a thin wrapper over the Python API (:mod:`hfptq.pipeline`, :mod:`hfptq.recipes`).
+Exit codes: 0 success, 2 bad input (recipe/config/data errors, with the message), 1 other failures.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+EPILOG = """examples:
+  hfptq run recipes/default.yaml                      # quantize Gemma 3 270M, evaluate, report, save
+  hfptq run recipes/default.yaml --data-dir ../shared/data --quick
+  hfptq plan recipes/int4-g128.yaml                   # print the per-module plan, quantize nothing
+  hfptq eval outputs/gemma3-270m-default/model --recipe recipes/default.yaml
+  hfptq recipes                                       # list the built-in recipes
+
+Offline datasets: --data-dir DIR (or HFPTQ_DATA_DIR=DIR) maps the Hub datasets named in recipes
+(wikitext, piqa, ag_news, lambada_openai) to local copies in DIR.
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="override the recipe's model (alias gemma3-270m / smollm2-135m, local dir, Hub id)")
+    p.add_argument("--data-dir", help="folder with offline dataset copies (same as HFPTQ_DATA_DIR)")
+    p.add_argument("--output", help="output folder (default: the recipe's output.dir)")
+    p.add_argument("--quick", action="store_true", help="tiny calibration/evaluation slices: a smoke run of the same path")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what hfptq does (INFO level)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hfptq",
+        description="Post-training quantization for Hugging Face Transformers: quantize, evaluate, report, save.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a recipe end to end: load, quantize, evaluate float vs quantized, report, save",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("recipe", nargs="?", default="default", help="recipe file or built-in name (default: default)")
+    _common(run)
+    run.add_argument("--no-save", action="store_true", help="do not write the quantized checkpoint")
+    run.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the quantized checkpoint to this Hub repo")
+
+    ev = sub.add_parser("eval", help="evaluate a saved quantized checkpoint against its float model")
+    ev.add_argument("checkpoint", help="folder written by save_pretrained / hfptq run")
+    ev.add_argument("--recipe", default=None,
+                    help="recipe whose evaluation section to run (default: the hfptq_recipe.yaml saved with the checkpoint)")
+    ev.add_argument("--reference", help="float model to compare with (default: the recipe's model)")
+    _common(ev)
+
+    plan = sub.add_parser("plan", help="print the plan a recipe would apply, without quantizing")
+    plan.add_argument("recipe", nargs="?", default="default", help="recipe file or built-in name")
+    plan.add_argument("--model", help="override the recipe's model")
+
+    sub.add_parser("recipes", help="list the built-in recipes")
+
+    model = sub.add_parser("model", help="materialise an embedded offline model into the cache and print its path")
+    model.add_argument("name", nargs="?", default="gemma3-270m", help="gemma3-270m (default) or smollm2-135m")
+    return parser
+
+
+def _run(args) -> int:
+    from .pipeline import run_recipe
+    from .recipes import find_recipe, load_recipe
+
+    recipe = load_recipe(find_recipe(args.recipe))
+    run_recipe(recipe, model=args.model, data_dir=args.data_dir, output_dir=args.output, quick=args.quick,
+               save=False if args.no_save else None, push_to_hub=args.push_to_hub, progress=not args.no_progress)
+    return 0
+
+
+def _eval(args) -> int:
+    import os
+
+    from transformers import AutoTokenizer
+
+    from .models import resolve_model
+    from .pipeline import _DTYPES, _auto_class, apply_quick, evaluate_pair
+    from .recipes import find_recipe, load_recipe
+
+    checkpoint = Path(args.checkpoint)
+    if not (checkpoint / "config.json").exists():
+        from .errors import CheckpointError
+
+        raise CheckpointError(f"{checkpoint} has no config.json: pass the folder written by save_pretrained / hfptq run.")
+    if args.data_dir:
+        os.environ["HFPTQ_DATA_DIR"] = args.data_dir
+    saved = checkpoint / "hfptq_recipe.yaml"
+    recipe = load_recipe(find_recipe(args.recipe) if args.recipe else (saved if saved.exists() else find_recipe("default")))
+    if args.quick:
+        recipe = apply_quick(recipe)
+    import hfptq  # noqa: F401  (registers the quantizer)
+
+    auto = _auto_class(recipe.task)
+    dtype = _DTYPES[recipe.model.get("dtype", "float32")]
+    reference = resolve_model(args.reference or args.model or recipe.model.get("name_or_path"))
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint if (checkpoint / "tokenizer_config.json").exists() else reference)
+    float_model = auto.from_pretrained(reference, dtype=dtype).eval()
+    quantized = auto.from_pretrained(checkpoint, dtype=dtype).eval()
+    report = evaluate_pair(recipe, tokenizer, float_model, quantized, progress=not args.no_progress)
+    out = Path(args.output) if args.output else checkpoint.parent / "eval-report"
+    report.save(out)
+    print(report.console_summary())
+    print(f"\nReport: {out}")
+    return 0
+
+
+def _plan(args) -> int:
+    from .pipeline import plan_for_recipe
+    from .recipes import find_recipe, load_recipe
+
+    print(plan_for_recipe(load_recipe(find_recipe(args.recipe)), model=args.model))
+    return 0
+
+
+def _recipes(args) -> int:
+    from .recipes import builtin_recipes_dir, load_recipe
+
+    folder = builtin_recipes_dir()
+    for path in sorted(folder.glob("*.yaml")):
+        recipe = load_recipe(path)
+        print(f"{path.stem:24s} {recipe.description or recipe.name}")
+    return 0
+
+
+def _model(args) -> int:
+    from .models import resolve_model
+
+    print(resolve_model(args.name))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``hfptq`` console script."""
+    from .errors import HfPtqError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"run": _run, "eval": _eval, "plan": _plan, "recipes": _recipes, "model": _model}
+    try:
+        return handlers[args.command](args)
+    except HfPtqError as exc:
+        print(f"hfptq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hfptq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
