@@ -7,6 +7,7 @@ Every field is validated on construction; errors name the field and the fix.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -92,6 +93,11 @@ def default_activation_args(mode: str = "dynamic") -> Dict[str, Any]:
 
 
 def _check_fields(section: str, values: Mapping[str, Any], spec: Mapping[str, Any]) -> None:
+    if not isinstance(values, Mapping):
+        raise ConfigTypeError(
+            f"{section} must be a mapping such as {{{', '.join(repr(k) + ': ...' for k in list(spec)[:2])}}} "
+            f"(got {type(values).__name__}: {values!r})."
+        )
     for key, value in values.items():
         if key not in spec:
             raise ConfigError(
@@ -117,8 +123,10 @@ def _check_fields(section: str, values: Mapping[str, Any], spec: Mapping[str, An
 def normalize_weight_args(values: Optional[Mapping[str, Any]], section: str = "weights",
                           base: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Validate weight args and fill the defaults (``base`` or int8 per-channel)."""
-    values = dict(values or {})
+    if values is None:
+        values = {}
     _check_fields(section, values, WEIGHT_FIELDS)
+    values = dict(values)
     bits = values.get("bits", (base or {}).get("bits", 8))
     out = dict(base) if base is not None else default_weight_args("int4" if bits == 4 else "int8")
     out.update(values)
@@ -143,7 +151,9 @@ def normalize_activation_args(values: Union[None, str, Mapping[str, Any]], secti
     if isinstance(values, str):
         values = {"mode": values}
     if not isinstance(values, Mapping):
-        raise ConfigTypeError(f"{section} must be 'dynamic', 'static', 'none' or a mapping (got {values!r}).")
+        raise ConfigTypeError(
+            f"{section} must be 'dynamic', 'static', 'none' or a mapping like {{'mode': 'dynamic'}} (got {values!r})."
+        )
     values = dict(values)
     _check_fields(section, values, ACTIVATION_FIELDS)
     mode = values.get("mode", (base or {}).get("mode", "dynamic"))
@@ -169,6 +179,33 @@ def normalize_activation_args(values: Union[None, str, Mapping[str, Any]], secti
     return out
 
 
+def check_target(target: str, section: str = "targets") -> None:
+    """Validate one rule target: ``"re:<regex>"``, ``"kind:<kind>"``, a class name or a module name/suffix.
+
+    Raises:
+        ConfigError: the regex does not compile, or the kind is not one of :data:`KINDS`.
+
+    Example:
+        >>> check_target("re:mlp\\.(up|down)_proj$")
+        >>> check_target("kind:ffn")
+    """
+    if target.startswith("re:"):
+        try:
+            re.compile(target[3:])
+        except re.error as exc:
+            raise ConfigError(
+                f"{section}: {target!r} is not a valid regular expression ({exc}). Escape literal dots and "
+                "brackets, e.g. 're:mlp\\.down_proj$'."
+            ) from None
+    elif target.startswith("kind:"):
+        kind = target[5:]
+        if kind not in KINDS:
+            raise ConfigError(
+                f"{section}: {target!r} names an unknown kind.{suggest(kind, KINDS)} "
+                f"Use 'kind:' followed by one of: {', '.join(KINDS)}."
+            )
+
+
 def normalize_rule(rule: Mapping[str, Any], index: int) -> Dict[str, Any]:
     """Validate one plan rule ``{targets, precision, weights?, activations?, name?}``."""
     section = f"rules[{index}]"
@@ -184,6 +221,8 @@ def normalize_rule(rule: Mapping[str, Any], index: int) -> Dict[str, Any]:
         targets = [targets]
     if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t for t in targets):
         raise ConfigError(f"{section}.targets must be a non-empty string or list of strings (got {rule['targets']!r}).")
+    for target in targets:
+        check_target(target, f"{section}.targets")
     precision = rule["precision"]
     if precision not in PRECISIONS:
         raise ConfigError(
@@ -203,8 +242,8 @@ def normalize_rule(rule: Mapping[str, Any], index: int) -> Dict[str, Any]:
         if precision not in INT_PRECISIONS:
             raise ConfigError(f"{section}.activations only applies to int8/int4 rules (precision is {precision!r}).")
         acts = rule["activations"]
+        normalize_activation_args(acts, f"{section}.activations")
         out["activations"] = {"mode": acts} if isinstance(acts, str) else dict(acts)
-        normalize_activation_args(out["activations"], f"{section}.activations")
     if rule.get("name") is not None:
         out["name"] = str(rule["name"])
     return out
@@ -214,9 +253,12 @@ class HfPtqConfig(QuantizationConfigMixin):
     """Configuration of hfptq post-training quantization.
 
     Args:
-        weights: default weight quantization of int8 modules: ``bits`` (8), ``symmetric`` (True),
+        weights: default weight quantization of integer modules: ``bits`` (8), ``symmetric`` (True),
             ``granularity`` (``"channel"``, ``"tensor"`` or ``"group"``), ``group_size``, ``observer``
-            (``"minmax"`` or ``"mse"`` clipping search).
+            (``"minmax"`` or ``"mse"`` clipping search). With ``bits=8`` these apply to ``int8``
+            modules (``int4`` ones use int4 defaults: group of 128). ``bits=4`` makes ``int4`` the
+            integer precision of the default scheme (FFN and LM head, weight-only) and these
+            fields apply to ``int4`` modules.
         activations: ``"dynamic"`` (per-token scales computed at run time, W8A8 with integer matmul),
             ``"static"`` (per-tensor scales frozen by calibration), ``"none"`` (weight-only), or a
             mapping with ``mode`` and ``symmetric``/``granularity``/``observer``/``percentile``...
@@ -275,7 +317,12 @@ class HfPtqConfig(QuantizationConfigMixin):
             raise ConfigError(
                 f"HfPtqConfig got an unknown field {key!r}.{suggest(key, known)} Valid fields: {', '.join(known)}."
             )
-        if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
+        if not isinstance(format_version, int) or isinstance(format_version, bool) or format_version < 1:
+            raise ConfigTypeError(
+                f"format_version must be a positive integer (got {format_version!r}); it is written by hfptq, "
+                "do not edit it in config.json."
+            )
+        if format_version > FORMAT_VERSION:
             raise ConfigError(
                 f"format_version={format_version!r} was written by a newer hfptq than this one (understands "
                 f"{FORMAT_VERSION}); upgrade hfptq (pip install -U hfptq) to load this checkpoint."
@@ -283,10 +330,16 @@ class HfPtqConfig(QuantizationConfigMixin):
         self.format_version = FORMAT_VERSION
         self.weights = normalize_weight_args(weights, "weights")
         self.activations = normalize_activation_args(activations, "activations")
-        if self.activations["mode"] != "none" and self.weights["granularity"] == "group" and mode == "real":
+        if (self.activations["mode"] != "none" and self.weights["bits"] == 8 and self.weights["granularity"] == "group"
+                and mode == "real"):
             raise ConfigError(
                 "weights.granularity='group' needs activations='none' (weight-only): the integer matmul of W8A8 "
                 "uses one scale per output channel. Use granularity='channel' for W8A8."
+            )
+        if scheme is not None and not isinstance(scheme, Mapping):
+            raise ConfigTypeError(
+                f"scheme must be a mapping of kind -> precision such as {{'attention': 'fp16', 'ffn': 'int8'}} "
+                f"(got {type(scheme).__name__}: {scheme!r})."
             )
         scheme = dict(scheme or {})
         for key, value in scheme.items():
@@ -296,12 +349,23 @@ class HfPtqConfig(QuantizationConfigMixin):
                 raise ConfigError(
                     f"scheme.{key}={value!r} is not valid.{suggest(value, PRECISIONS)} Choose one of: {', '.join(PRECISIONS)}."
                 )
-        self.scheme = {**DEFAULT_SCHEME, **scheme}
+        default_scheme = dict(DEFAULT_SCHEME)
+        if self.weights["bits"] == 4:
+            # weights.bits=4 makes int4 the integer precision of the default scheme (weight-only).
+            default_scheme = {k: ("int4" if v == "int8" else v) for k, v in default_scheme.items()}
+        self.scheme = {**default_scheme, **scheme}
         if rules is not None and not isinstance(rules, (list, tuple)):
             raise ConfigTypeError(f"rules must be a list of rule mappings (got {type(rules).__name__}).")
         self.rules = [normalize_rule(r, i) for i, r in enumerate(rules or [])]
         if not isinstance(preset, str):
             raise ConfigTypeError(f"preset must be a string such as 'auto' (got {preset!r}).")
+        from .plan import PRESETS  # deferred: plan imports this module
+
+        if preset not in ("auto", "structural") and preset not in PRESETS:
+            raise ConfigError(
+                f"preset={preset!r} is unknown.{suggest(preset, list(PRESETS) + ['auto', 'structural'])} Use 'auto' "
+                f"(from config.model_type), 'structural' (from module names) or one of: {', '.join(sorted(PRESETS))}."
+            )
         self.preset = preset
         if mode not in ("real", "fake"):
             raise ConfigError(f"mode={mode!r} is not valid: use 'real' (int8 kernels) or 'fake' (simulation).")
@@ -312,8 +376,14 @@ class HfPtqConfig(QuantizationConfigMixin):
                 f"Choose one of: {', '.join(COMPUTE_DTYPES)}."
             )
         self.compute_dtype = compute_dtype
-        if modules_to_not_convert is not None and not isinstance(modules_to_not_convert, (list, tuple)):
-            raise ConfigTypeError("modules_to_not_convert must be a list of module names.")
+        if modules_to_not_convert is not None and (
+            not isinstance(modules_to_not_convert, (list, tuple))
+            or not all(isinstance(n, str) and n for n in modules_to_not_convert)
+        ):
+            raise ConfigTypeError(
+                "modules_to_not_convert must be a list of module names or suffixes such as ['lm_head'] "
+                f"(got {modules_to_not_convert!r})."
+            )
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
         self.calibration = self._normalize_calibration(calibration)
         self.smoothquant = self._normalize_algorithm("smoothquant", smoothquant)

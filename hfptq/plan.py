@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -263,12 +263,22 @@ def select_preset(model: nn.Module, preset: str) -> Tuple[str, Optional[Dict[str
     return preset, PRESETS[preset]
 
 
+def _embeddings(model: nn.Module, which: str) -> Optional[nn.Module]:
+    """``model.get_input_embeddings()`` / ``get_output_embeddings()``, or None where the model has none.
+
+    Custom ``PreTrainedModel`` subclasses raise ``NotImplementedError`` from these unless overridden.
+    """
+    getter = getattr(model, f"get_{which}_embeddings", None)
+    if getter is None:
+        return None
+    try:
+        return getter()
+    except (NotImplementedError, AttributeError):
+        return None
+
+
 def _tied_lm_head(model: nn.Module) -> bool:
-    get_out = getattr(model, "get_output_embeddings", None)
-    get_in = getattr(model, "get_input_embeddings", None)
-    if get_out is None or get_in is None:
-        return False
-    out, inp = get_out(), get_in()
+    out, inp = _embeddings(model, "output"), _embeddings(model, "input")
     if out is None or inp is None or not hasattr(out, "weight") or not hasattr(inp, "weight"):
         return False
     if not isinstance(out.weight, torch.Tensor) or not isinstance(inp.weight, torch.Tensor):
@@ -308,8 +318,8 @@ def resolve_plan(model: nn.Module, config: HfPtqConfig) -> Plan:
                       {"targets": list(config.modules_to_not_convert), "precision": "skip"}))
     rules += [(rule.get("name") or f"rules[{index}]", rule) for index, rule in enumerate(config.rules)]
 
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out_emb = _embeddings(model, "output")
+    in_emb = _embeddings(model, "input")
     # Linears owned by nn.MultiheadAttention are read through .weight by its functional forward:
     # they cannot be swapped for hfptq modules.
     mha_children = {
@@ -318,28 +328,20 @@ def resolve_plan(model: nn.Module, config: HfPtqConfig) -> Plan:
         for child, _ in module.named_children()
     }
     candidates: List[Tuple[str, nn.Module, str]] = []
-    unclassified: List[str] = []
     for name, module in model.named_modules():
         if is_quantizable_linear(module):
             kind = _classify(name, patterns if patterns is not None else _STRUCTURAL)
             if kind is None and out_emb is not None and module is out_emb:
                 kind = "lm_head"
             if kind is None or name in mha_children:
-                unclassified.append(name)
                 kind = "other"
             candidates.append((name, module, kind))
         elif in_emb is not None and module is in_emb and isinstance(module, nn.Embedding):
             candidates.append((name, module, "embedding"))
 
-    linears = [(n, k) for n, _, k in candidates if k != "embedding"]
+    linears = [(n, k) for n, _, k in candidates if k != "embedding" and n not in mha_children]
     if linears and not config.rules and not any(k in ("attention", "ffn") for _, k in linears):
         raise PlanError(_unclassifiable_message(preset_name, model_type, [n for n, _ in linears]))
-    if patterns is None and unclassified:
-        logger.warning(
-            "hfptq: no preset for model_type=%r; %d linear layer(s) could not be classified from their names and "
-            "stay unchanged (e.g. %s). Add rules to quantize them.", model_type, len(unclassified),
-            ", ".join(repr(n) for n in unclassified[:3]),
-        )
 
     rule_hits = [0] * len(rules)
     rule_matches = [0] * len(rules)
@@ -384,6 +386,15 @@ def resolve_plan(model: nn.Module, config: HfPtqConfig) -> Plan:
                 f"{label} (targets={rule['targets']}, precision={rule['precision']!r}) conflicts with earlier rules "
                 f"({', '.join(earlier)}): every module it matches is already claimed by a rule before it, so it never "
                 "applies. Reorder the rules (the first match wins) or remove it."
+            )
+
+    if patterns is None:
+        left = [e.name for e in entries if e.kind == "other" and e.source == "no preset/rule matched"]
+        if left:
+            logger.warning(
+                "hfptq: no preset for model_type=%r; %d linear layer(s) could not be classified from their names and "
+                "stay unchanged (e.g. %s). Add rules to quantize them.", model_type, len(left),
+                ", ".join(repr(n) for n in left[:3]),
             )
 
     _tie_embedding(model, entries)
