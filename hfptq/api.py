@@ -73,6 +73,7 @@ def quantize_model(
     config = config if config is not None else HfPtqConfig()
     started = time.perf_counter()
     plan = resolve_plan(model, config)
+    bytes_before = model_bytes(model)
     logger.info(plan.summary())
     result = None
     if needs_calibration(config, plan):
@@ -96,6 +97,7 @@ def quantize_model(
     )
     config.plan = plan.to_dict()
     attach_plan(model, plan)
+    model.hfptq_bytes_before = bytes_before
     model.hfptq_calibration = getattr(result, "info", None)
     model.hfptq_seconds = time.perf_counter() - started
     return model
@@ -126,23 +128,34 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def summary(model: nn.Module, float_bytes: Optional[int] = None) -> str:
-    """One line: modules per precision and bytes before/after.
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
-    ``float_bytes`` defaults to the size the planned modules would have in float32.
+
+def summary(model: nn.Module, float_bytes: Optional[int] = None) -> str:
+    """One line: modules per precision and bytes before/after quantization.
+
+    ``float_bytes`` defaults to the size measured just before conversion (recorded by
+    :func:`quantize_model`); for a reloaded checkpoint, to the planned modules' size in float32
+    plus everything else as it is.
     """
     plan = get_plan(model)
     after = model_bytes(model)
+    if float_bytes is None:
+        float_bytes = getattr(model, "hfptq_bytes_before", None)
     if float_bytes is None:
         float_bytes = after
         for e in plan:
             if e.precision == "skip" or e.tied_to:
                 continue
-            n = e.in_features * e.out_features
-            cur = _entry_bytes(model, e.name)
-            float_bytes += n * 4 - cur
+            n = e.in_features * e.out_features + (e.out_features if e.has_bias else 0)
+            float_bytes += n * 4 - _entry_bytes(model, e.name)
     ratio = after / float_bytes if float_bytes else 1.0
-    return f"{plan.summary()}; {float_bytes / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB ({ratio:.1%})"
+    return f"{plan.summary()}; {_fmt_bytes(float_bytes)} -> {_fmt_bytes(after)} ({ratio:.1%})"
 
 
 def _entry_bytes(model: nn.Module, name: str) -> int:

@@ -26,7 +26,7 @@ SCALE_EPS = torch.finfo(torch.float32).tiny * 2**20  # ~1e-32, still a normal fl
 
 def qrange(bits: int, symmetric: bool) -> Tuple[int, int]:
     """Return ``(qmin, qmax)`` of the integer grid for ``bits`` and the symmetry mode."""
-    if bits not in (2, 3, 4, 8):
+    if bits not in (4, 8):
         raise ValueError(f"bits must be one of 4 or 8 (got {bits})")
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
