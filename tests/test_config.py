@@ -20,7 +20,7 @@ def test_defaults_are_attention_fp16_ffn_int8_w8a8_dynamic():
     assert cfg.scheme == DEFAULT_SCHEME
     assert cfg.weights == {"bits": 8, "symmetric": True, "granularity": "channel", "group_size": None,
                            "observer": "minmax"}
-    assert cfg.activations == {"mode": "dynamic", "bits": 8, "symmetric": True, "granularity": "token"}
+    assert cfg.activations == {"mode": "dynamic", "bits": 8, "symmetric": False, "granularity": "token"}
     assert (cfg.mode, cfg.compute_dtype, cfg.preset, cfg.rules, cfg.plan) == ("real", "auto", "auto", [], None)
     assert not cfg.is_static
 

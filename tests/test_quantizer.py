@@ -146,7 +146,7 @@ def test_plan_has_the_expected_modules_kinds_and_precisions(tiny_family, traces)
             assert e.precision == "int8", e.name
             assert e.weights == {"bits": 8, "symmetric": True, "granularity": "channel", "group_size": None,
                                  "observer": "minmax"}
-            assert e.activations == {"mode": "dynamic", "bits": 8, "symmetric": True, "granularity": "token"}
+            assert e.activations == {"mode": "dynamic", "bits": 8, "symmetric": False, "granularity": "token"}
             assert e.describe() == "W8A8 dynamic/token (channel)"
         elif e.kind == "other":
             assert e.precision == "skip" and e.source == "no preset/rule matched", e.name
@@ -232,7 +232,9 @@ def test_summary_reports_bytes_before_and_after(tiny_family, traces):
 
     text = hfptq.summary(q)
     assert text.startswith(plan.summary())
-    assert f"-> {model_bytes(q) / 2**20:.1f} MiB" in text
+    from hfptq.api import _fmt_bytes
+
+    assert f"{_fmt_bytes(model_bytes(ref))} -> {_fmt_bytes(model_bytes(q))}" in text
     for precision, count in plan.by_precision().items():
         assert f"{count} {precision}" in text
 

@@ -169,9 +169,10 @@ def _loglikelihoods(
                 for row, i in enumerate(batch):
                     full, n_cont = sequences[i]
                     n = len(full) - 1
-                    positions = torch.arange(n - n_cont, n, device=logits.device) - start
+                    # logits position j predicts token j + 1: the continuation is predicted by
+                    # positions n - n_cont .. n - 1 (a slice: no copy of the vocab-wide logits).
                     targets = torch.tensor(full[-n_cont:], dtype=torch.long, device=logits.device)
-                    logprobs = torch.log_softmax(logits[row].index_select(0, positions).float(), dim=-1)
+                    logprobs = torch.log_softmax(logits[row, n - n_cont - start : n - start].float(), dim=-1)
                     results[i] = float(logprobs.gather(1, targets[:, None]).sum())
     finally:
         model.train(was_training)

@@ -120,8 +120,11 @@ def perplexity(
         A :class:`PerplexityResult`.
 
     Example:
-        >>> ids = tokenize_corpus(load_text_corpus("wikitext2:test"), tokenizer)  # hfptq.data
-        >>> res = perplexity(model, ids, seq_len=512, bos_token_id=tokenizer.bos_token_id)
+        >>> from hfptq.data import load_text_corpus, tokenize_corpus, wants_bos
+        >>> spec = {"dataset": "Salesforce/wikitext", "config": "wikitext-2-raw-v1", "split": "test"}
+        >>> ids = tokenize_corpus(load_text_corpus(spec), tokenizer, add_bos=False)
+        >>> bos = tokenizer.bos_token_id if wants_bos(tokenizer) else None
+        >>> res = perplexity(model, ids, seq_len=512, bos_token_id=bos)
         >>> print(f"{res.perplexity:.2f} over {res.num_tokens} tokens")
     """
     if not isinstance(input_ids, torch.Tensor):
@@ -191,15 +194,18 @@ def perplexity(
                         f"model returned {logits.shape[1]} logit positions for {inputs.shape[1]} inputs"
                     )
                 for b in range(inputs.shape[0]):
-                    pos = target_mask[b].nonzero().squeeze(1)  # predicting positions pos + 1
+                    pos = target_mask[b].nonzero().squeeze(1)  # logits positions predicting pos + 1
                     if pos.numel() == 0:
                         continue
-                    pos_dev = pos.to(logits.device)
-                    row_logits = logits[b].index_select(0, pos_dev - start).float()
-                    targets = inputs[b, 1:].index_select(0, pos.to(inputs.device)).to(logits.device)
+                    # Scored positions are one contiguous run (new tokens at the end of the window):
+                    # slice instead of gathering, so no copy of the [positions, vocab] logits is made.
+                    lo, hi = int(pos[0]), int(pos[-1]) + 1
+                    assert hi - lo == pos.numel(), "scored positions must be contiguous"
+                    row_logits = logits[b, lo - start : hi - start].float()
+                    targets = inputs[b, lo + 1 : hi + 1].to(logits.device)
                     nll = F.cross_entropy(row_logits, targets, reduction="sum")
                     total_nll += float(nll)
-                    total_tokens += int(pos.numel())
+                    total_tokens += hi - lo
     finally:
         model.train(was_training)
 

@@ -5,11 +5,15 @@ such as tied embeddings, are counted once: they are deduplicated by data pointer
 them by *precision*:
 
 * by default the precision is the storage dtype name (``"bfloat16"``, ``"int8"``, ...);
-* a tensor whose name contains ``"packed"`` and whose dtype is an integer type is reported as
-  ``"int4"`` (two 4-bit values per byte of an 8-bit container; ``values`` counts both);
+* the integer weight of a quantized module (a tensor named ``qweight`` or containing
+  ``"packed"``, with an integer dtype, in a module with an integer ``weight_bits`` attribute, as
+  :class:`hfptq.quant.linear.QuantLinear` has) is reported as ``f"int{weight_bits}"``; for
+  sub-byte widths the container holds several values per element (``values`` counts them all:
+  two per ``uint8`` for int4);
+* any other integer tensor whose name contains ``"packed"`` is reported as ``"int4"``;
 * a module can state the precision of its tensors explicitly by defining
-  ``hfptq_tensor_precision(tensor_name: str) -> str | None`` (e.g. quantized Linear modules
-  returning ``"int4"`` for their packed weight); returning ``None`` falls back to the rules above.
+  ``hfptq_tensor_precision(tensor_name: str) -> str | None``; returning ``None`` falls back to the
+  rules above.
 
 Bytes are always the real storage bytes (``numel * element_size``), so packed int4 weights count
 half a byte per value.
@@ -17,6 +21,7 @@ half a byte per value.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -26,9 +31,8 @@ from hfptq.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-#: Values stored per element for packed precisions.
-_VALUES_PER_ELEMENT = {"int4": {torch.int8: 2, torch.uint8: 2, torch.int16: 4, torch.int32: 8, torch.int64: 16}}
 _INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+_INT_PRECISION = re.compile(r"^u?int(\d+)$")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -41,9 +45,23 @@ def _precision(module: torch.nn.Module, local_name: str, tensor: torch.Tensor) -
         declared = hook(local_name)
         if declared:
             return str(declared)
-    if "packed" in local_name and tensor.dtype in _INTEGER_DTYPES:
-        return "int4"
+    if tensor.dtype in _INTEGER_DTYPES:
+        bits = getattr(module, "weight_bits", None)
+        is_weight = local_name == "qweight" or "packed" in local_name
+        if is_weight and isinstance(bits, int) and not isinstance(bits, bool) and 0 < bits <= 8 * tensor.element_size():
+            return f"int{bits}"
+        if "packed" in local_name:
+            return "int4"
     return _dtype_name(tensor.dtype)
+
+
+def _values_per_element(precision: str, tensor: torch.Tensor) -> int:
+    """Logical values per storage element: e.g. 2 for int4 packed in uint8, 1 for plain dtypes."""
+    match = _INT_PRECISION.match(precision)
+    if match is None or tensor.dtype not in _INTEGER_DTYPES:
+        return 1
+    bits = int(match.group(1))
+    return max(1, (8 * tensor.element_size()) // bits) if bits > 0 else 1
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
@@ -93,7 +111,7 @@ def model_size(model: torch.nn.Module) -> dict:
                 numel = tensor.numel()
                 nbytes = numel * tensor.element_size()
                 precision = _precision(module, local_name, tensor)
-                per_element = _VALUES_PER_ELEMENT.get(precision, {}).get(tensor.dtype, 1)
+                per_element = _values_per_element(precision, tensor)
                 group = groups.setdefault(precision, {"bytes": 0, "numel": 0, "values": 0, "tensors": 0})
                 group["bytes"] += nbytes
                 group["numel"] += numel
@@ -138,8 +156,10 @@ def format_bytes(num_bytes: Optional[float]) -> str:
     if num_bytes is None:
         return "n/a"
     value = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+    if abs(value) < 1024:
+        return f"{value:.0f} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         value /= 1024
-    return f"{value:.2f} TiB"  # pragma: no cover - unreachable
+        if abs(value) < 1024 or unit == "TiB":
+            break
+    return f"{value:.2f} {unit}"

@@ -46,7 +46,12 @@ def load_metric(name: str) -> Any:
         >>> metric.compute(predictions=[1, 0, 1], references=[1, 1, 1])["accuracy"]
         0.6666666666666666
     """
-    import evaluate  # heavy import, only when a metric is actually needed
+    try:
+        import evaluate  # heavy import, only when a metric is actually needed
+    except ImportError as exc:
+        raise ImportError(
+            "hfptq computes accuracies with the `evaluate` library, which is not installed: pip install evaluate"
+        ) from exc
 
     path = metric_path(name)
     logger.debug("loading metric %r from %s", name, path)
