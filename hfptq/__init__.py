@@ -9,6 +9,7 @@ Importing ``hfptq`` registers the ``"hfptq"`` quantization method with Transform
     print(hfptq.summary(model))
 """
 from .api import get_plan, quantize_model, summary
+from .checkpoint import mark_quantized, verify_checkpoint
 from .config import HfPtqConfig
 from .errors import (
     CalibrationError,
@@ -35,6 +36,8 @@ __all__ = [
     "resolve_plan",
     "get_plan",
     "summary",
+    "mark_quantized",
+    "verify_checkpoint",
     "HfPtqError",
     "ConfigError",
     "ConfigTypeError",

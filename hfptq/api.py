@@ -97,6 +97,10 @@ def quantize_model(
     )
     config.plan = plan.to_dict()
     attach_plan(model, plan)
+    if hasattr(model, "config"):
+        from .checkpoint import mark_quantized
+
+        mark_quantized(model, config, plan)  # saveable as an hfptq checkpoint, also when quantized by hand
     model.hfptq_bytes_before = bytes_before
     model.hfptq_calibration = getattr(result, "info", None)
     model.hfptq_seconds = time.perf_counter() - started

@@ -305,6 +305,9 @@ def run_recipe(
     if do_save:
         model_dir = out / "model"
         quantized.hfptq_report = report.to_dict()
+        quantized.hfptq_recipe = recipe
+        if not Path(str(recipe.model.get("name_or_path") or "")).exists() and not model:
+            quantized.hfptq_base_model = recipe.model.get("name_or_path")
         with report.timer("save"):
             quantized.save_pretrained(model_dir, max_shard_size=recipe.output.get("max_shard_size") or "2GB")
             tokenizer.save_pretrained(model_dir)

@@ -37,26 +37,33 @@ class HfPtqQuantizer(HfQuantizer):
     def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
         return False
 
-    def _process_model_before_weight_loading(self, model, **kwargs: Any) -> None:
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any) -> None:
         if not self.pre_quantized:
             return
         from .checkpoint import prepare_reload
 
-        prepare_reload(model, self.quantization_config, dtype=self._dtype)
+        # checkpoint_files: the safetensors about to be read; their headers are checked against the plan
+        prepare_reload(model, self.quantization_config, dtype=self._dtype, checkpoint_files=checkpoint_files)
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any) -> None:
-        if self.pre_quantized:
-            from .checkpoint import finish_reload
+        from .checkpoint import finish_reload, mark_quantized
 
+        if self.pre_quantized:
             finish_reload(model, self.quantization_config)
             return
         from .api import quantize_model
 
         quantize_model(model, self.quantization_config)
-        model.config.quantization_config = self.quantization_config
+        mark_quantized(model, self.quantization_config)
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:
         return True
+
+    def get_state_dict_and_metadata(self, model):
+        """Tensors + safetensors metadata for ``save_pretrained`` (see :mod:`hfptq.checkpoint`)."""
+        from .checkpoint import state_dict_for_save
+
+        return state_dict_for_save(model)
 
     @property
     def is_trainable(self) -> bool:
