@@ -53,7 +53,7 @@ def test_console_script_run_and_eval(tmp_path):
     assert "hfptq quality report" in proc.stdout and "perplexity" in proc.stdout
     assert (out / "report" / "report.json").exists() and (out / "model" / "model.safetensors").exists()
     proc = subprocess.run([sys.executable, "-m", "hfptq.cli", "eval", str(out / "model"), "--reference", str(folder),
-                           "--quick", "--no-progress", "--output", str(tmp_path / "ev")],
+                           "--quick", "--no-progress", "--output", str(tmp_path / "ev"), "--data-dir", str(shared_data_dir())],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "ev" / "report.json").exists()
