@@ -1,17 +1,108 @@
-"""Integer matmul dispatch (CPU and CUDA) with an exact fallback.
+"""Integer matmul dispatch and the fast paths of the quantized modules (CPU and CUDA).
 
-``int8_matmul(a, b_t)`` returns ``a @ b_t.T`` accumulated exactly in int32, whatever path runs:
-``torch._int_mm`` when the device and shapes allow it, otherwise a float matmul that is exact for
-the given inner dimension (float32 while ``K * 127**2 < 2**24``, else float64). Every path gives the
-same integers, so the fast path and the reference math produce identical outputs.
+Two layers live here:
+
+* :func:`int8_matmul` returns ``a @ b_t.T`` accumulated exactly in int32, whatever path runs:
+  ``torch._int_mm`` when the device and shapes allow it, otherwise a float matmul that is exact
+  for the given inner dimension (float32 while ``K * 127 * 128 < 2**24``, else float64). Every
+  path gives the same integers.
+* The *fast path* helpers (:func:`quantize_per_token_fast`, :func:`quantize_fast`,
+  :func:`rescale_int32`, :func:`dequant_linear_tiled`, :func:`cached_cast`) compute **the same
+  numbers, bit for bit,** as the reference formulas of :mod:`hfptq.quant.qparams` used by
+  :class:`~hfptq.quant.linear.QuantLinear`, in fewer passes over memory and with fewer temporary
+  tensors. Each one documents why it is identical; ``tests/quant/test_fast_path.py`` checks it.
+
+The reference math stays available: :func:`reference_math` (a context manager) or the
+environment variable ``HFPTQ_REFERENCE_MATH=1`` make every module run its original,
+unoptimised formulas — that is how ``benchmarks/speed.py`` proves that the fast path leaves
+perplexity unchanged.
+
+Example:
+    >>> import torch
+    >>> from hfptq.quant.kernels import int8_matmul, reference_math
+    >>> a = torch.randint(-127, 128, (4, 64), dtype=torch.int8)
+    >>> b = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
+    >>> torch.equal(int8_matmul(a, b), a.int() @ b.int().T)
+    True
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import os
+from typing import Iterator, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+
+from .qparams import SCALE_EPS, compute_qparams, dequantize_weight, qrange, unpack_int4
+
+logger = logging.getLogger(__name__)
 
 _F32_EXACT_LIMIT = 2**24
+
+#: Bytes of dequantized weight produced per tile by :func:`dequant_linear_tiled` (about one L2 cache;
+#: measured on Zen 4 for a 262,144 x 640 LM head at M=1: 64 KiB tiles 480 ms, 1 MiB 81 ms, 4 MiB 76 ms,
+#: the whole matrix at once (the reference) 756 ms).
+DEQUANT_TILE_BYTES = 1024 * 1024
+
+_fast_path = os.environ.get("HFPTQ_REFERENCE_MATH", "0").lower() in ("", "0", "false", "no")
+
+
+# ------------------------------------------------------------------------------------------------
+# Switch
+# ------------------------------------------------------------------------------------------------
+
+
+def fast_path_enabled() -> bool:
+    """Whether the quantized modules use the fast path (default) or the reference formulas.
+
+    The fast path is also skipped while ``torch.compile`` traces a module: the reference
+    formulas are pure tensor expressions that Inductor fuses by itself.
+
+    Example:
+        >>> fast_path_enabled()
+        True
+    """
+    if not _fast_path:
+        return False
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
+        return False
+    return True
+
+
+def set_fast_path(enabled: bool) -> None:
+    """Turn the fast path on or off for the whole process (see :func:`reference_math`)."""
+    global _fast_path
+    _fast_path = bool(enabled)
+
+
+@contextlib.contextmanager
+def reference_math() -> Iterator[None]:
+    """Run the quantized modules with their reference formulas inside the ``with`` block.
+
+    Used to prove that the fast path gives the same outputs (and the same perplexity). The
+    switch is process-wide, not per thread.
+
+    Example:
+        >>> with reference_math():
+        ...     ref_logits = model(input_ids).logits          # doctest: +SKIP
+        >>> torch.equal(ref_logits, model(input_ids).logits)  # doctest: +SKIP
+        True
+    """
+    previous = _fast_path
+    set_fast_path(False)
+    try:
+        yield
+    finally:
+        set_fast_path(previous)
+
+
+# ------------------------------------------------------------------------------------------------
+# Integer matmul
+# ------------------------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=None)
@@ -24,6 +115,7 @@ def int_mm_available(device_type: str) -> bool:
         out = torch._int_mm(a, a)
         return bool(out[0, 0].item() == 32)
     except Exception:  # pragma: no cover - depends on the build
+        logger.debug("torch._int_mm is not usable on %s; integer matmuls use the exact float fallback", device_type)
         return False
 
 
@@ -45,6 +137,12 @@ def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """``a [M, K] int8 @ b_t[N, K].T`` -> ``int32 [M, N]``, exact.
 
     CUDA's ``_int_mm`` requires ``M > 16``: small ``M`` (decode) is padded up to 32 rows.
+
+    Example:
+        >>> a = torch.randint(-127, 128, (1, 64), dtype=torch.int8)
+        >>> b = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
+        >>> int8_matmul(a, b).shape
+        torch.Size([1, 8])
     """
     m, k = a.shape
     n = b_t.shape[0]
@@ -57,3 +155,256 @@ def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
         if _int_mm_shape_ok(m, k, n, device_type):
             return torch._int_mm(a, b_t.t())
     return int8_matmul_reference(a, b_t)
+
+
+# ------------------------------------------------------------------------------------------------
+# Activation quantization (identical to qparams.quantize_per_token / qparams.quantize)
+# ------------------------------------------------------------------------------------------------
+
+
+def _as_float32(x: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+    """``x.float()`` and whether that made a private copy (which may then be overwritten)."""
+    if x.dtype == torch.float32:
+        return x, False
+    return x.float(), True
+
+
+def quantize_per_token_fast(
+    x: torch.Tensor, bits: int = 8, symmetric: bool = True
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Bit-identical, faster :func:`~hfptq.quant.qparams.quantize_per_token`.
+
+    Returns ``(q int8 [..., K], scale float32 [..., 1], zero_point int32 [..., 1] or None)``.
+
+    Why the numbers are the same:
+
+    * The reduction is the same (``abs().amax()``; the asymmetric path's ``amin``/``amax``); for
+      low-precision inputs it runs on the input dtype, which is exact because ``abs``, ``min``
+      and ``max`` return input values, which convert exactly to float32.
+    * ``x / scale`` is the same IEEE division, rounded in the same direction; ``round`` then
+      converts in place instead of into new tensors.
+    * Symmetric: the reference's final ``clamp(-qmax, qmax)`` is provably a no-op and is
+      skipped. ``scale`` is ``fl(amax / qmax)`` (relative error <= 2**-24, a normal number
+      since it is at least ``SCALE_EPS``) or ``SCALE_EPS`` when that is larger, so for every
+      ``|x| <= amax`` the rounded quotient ``fl(|x| / scale)`` is at most
+      ``qmax * (1 + 2**-24) / (1 - 2**-24) < qmax + 0.5`` and rounds to at most ``qmax``.
+      NaN stays NaN either way.
+
+    Example:
+        >>> x = torch.randn(3, 16)
+        >>> from hfptq.quant.qparams import quantize_per_token
+        >>> all(torch.equal(a, b) for a, b in zip(quantize_per_token_fast(x)[:2], quantize_per_token(x)[:2]))
+        True
+    """
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        amax = x.abs().amax(dim=-1, keepdim=True)
+        scale = (amax if amax.dtype == torch.float32 else amax.float()).div_(qmax).clamp_(min=SCALE_EPS)
+        xf, owned = _as_float32(x)
+        t = xf.div_(scale) if owned else torch.div(xf, scale)
+        return t.round_().to(torch.int8), scale, None
+    lo = x.amin(dim=-1, keepdim=True)
+    hi = x.amax(dim=-1, keepdim=True)
+    scale, zp = compute_qparams(lo, hi, bits, False)
+    return quantize_fast(x, scale, zp, bits, False), scale, zp
+
+
+def quantize_fast(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: Optional[torch.Tensor],
+    bits: int = 8,
+    symmetric: bool = True,
+) -> torch.Tensor:
+    """Bit-identical, faster :func:`~hfptq.quant.qparams.quantize`:
+    ``clamp(round(x / scale) + zero_point, qmin, qmax)`` as int8, computed in place on one
+    float32 buffer (same operations, same order, same float32 rounding).
+
+    Example:
+        >>> x = torch.randn(4, 8)
+        >>> from hfptq.quant.qparams import quantize
+        >>> s = torch.tensor(0.02)
+        >>> torch.equal(quantize_fast(x, s, None), quantize(x, s, None))
+        True
+    """
+    qmin, qmax = qrange(bits, symmetric)
+    xf, owned = _as_float32(x)
+    t = xf.div_(scale) if owned and scale.dtype == torch.float32 else torch.div(xf, scale)
+    t.round_()
+    if zero_point is not None:
+        t.add_(zero_point)
+    return t.clamp_(qmin, qmax).to(torch.int8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Integer accumulator -> float output
+# ------------------------------------------------------------------------------------------------
+
+
+def rescale_int32(
+    acc: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``((float(acc) * x_scale) * w_scale + bias).to(out_dtype)``, the reference rescale.
+
+    The products are evaluated in the reference order (activation scale first, then the weight
+    scale, then the bias), each rounded to float32 as before, so the result is bit-identical.
+    On CPU the int32 accumulator, which the caller owns and no longer needs, is converted to
+    float32 *in its own memory* (an exact element-wise cast into a same-size dtype) and every
+    later step runs in place: no new ``[M, N]`` float tensor is allocated.
+
+    Args:
+        acc: ``int32 [M, N]`` from :func:`int8_matmul`; overwritten on CPU.
+        x_scale: ``[M, 1]`` (per token) or a 0-d tensor (per tensor).
+        w_scale: ``[1, N]`` or ``[1, 1]``.
+        bias: ``[N]`` in any float dtype, or ``None``.
+        out_dtype: dtype of the result.
+    """
+    if acc.device.type == "cpu" and acc.is_contiguous():
+        y = acc.view(torch.float32)
+        y.copy_(acc)
+    else:
+        y = acc.to(torch.float32)
+    y.mul_(x_scale).mul_(w_scale)
+    if bias is not None:
+        y.add_(bias if bias.dtype == torch.float32 else bias.to(torch.float32))
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+def subtract_zero_point_terms(
+    acc: torch.Tensor,
+    x_q: torch.Tensor,
+    x_zero_point: Optional[torch.Tensor],
+    w_q: torch.Tensor,
+    w_zero_point: Optional[torch.Tensor],
+    w_rowsum: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Integer zero-point corrections, exact in int32 (in place on ``acc``).
+
+    ``sum_k (x_k - zx)(w_k - zw) = acc - zx * rowsum(w) - zw * rowsum(x) + K * zx * zw``.
+    """
+    if x_zero_point is not None:
+        zx = x_zero_point.to(torch.int32).reshape(-1, 1)
+        acc.sub_(zx * w_rowsum.reshape(1, -1))
+    if w_zero_point is not None:
+        zw = w_zero_point.to(torch.int32).reshape(1, -1)
+        acc.sub_(x_q.to(torch.int32).sum(dim=1, keepdim=True) * zw)
+        if x_zero_point is not None:
+            acc.add_(zx * zw * x_q.shape[-1])
+    return acc
+
+
+# ------------------------------------------------------------------------------------------------
+# Weight-only: dequantize tile by tile (identical elements, cache-sized temporaries)
+# ------------------------------------------------------------------------------------------------
+
+
+def dequant_linear_tiled(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    dtype: torch.dtype,
+    *,
+    bits: int = 8,
+    tile_bytes: int = DEQUANT_TILE_BYTES,
+) -> torch.Tensor:
+    """``F.linear(x, dequantize_weight(q, scale, zp, dtype), bias)`` without the full float weight.
+
+    The weight is dequantized a few hundred output rows at a time (``tile_bytes`` of float
+    weight, sized to stay in the L2 cache) and each tile goes through the same ``F.linear``.
+    Every dequantized element is bit-identical to the reference (same element-wise formula).
+    The reductions are done by the same BLAS routine over the same ``K`` for each output; only
+    the number of output columns per call changes. The BLAS libraries PyTorch ships on x86
+    (oneDNN / MKL) reduce each output over ``K`` in an order that does not depend on ``N`` and
+    the outputs were bit-identical on the machines we measured, but no library promises it:
+    ``tests/quant/test_fast_path.py`` therefore checks against the float32 dot-product error
+    bound, and ``benchmarks/speed.py`` compares perplexities to the printed digits.
+
+    Args:
+        x: ``[M, K]`` activations already in ``dtype``.
+        qweight: int8 ``[N, K]`` (int4: packed uint8 ``[N, K/2]`` with ``bits=4``).
+        scale, zero_point: ``[rows, n_groups]`` as stored by :class:`QuantLinear`.
+        bias: ``[N]`` already in ``dtype``, or ``None``.
+        dtype: compute dtype.
+    """
+    n = qweight.shape[0]
+    k = x.shape[-1]
+    rows = max(16, tile_bytes // max(1, k * (torch.finfo(dtype).bits // 8)))
+    rows -= rows % 16
+    if rows >= n:
+        w = dequantize_weight(unpack_int4(qweight) if bits == 4 else qweight, scale, zero_point, dtype)
+        return F.linear(x, w, bias)
+    per_channel = scale.shape[0] == n
+    out = []
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        q = qweight[start:stop]
+        if bits == 4:
+            q = unpack_int4(q)
+        s = scale[start:stop] if per_channel else scale
+        z = None if zero_point is None else (zero_point[start:stop] if per_channel else zero_point)
+        w = dequantize_weight(q, s, z, dtype)
+        out.append(F.linear(x, w, None if bias is None else bias[start:stop]))
+    return torch.cat(out, dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Lazily derived copies (compute-dtype weights, row sums)
+# ------------------------------------------------------------------------------------------------
+
+
+def tensor_key(t: torch.Tensor) -> Optional[tuple]:
+    """Identity of a tensor's current contents: storage, view, version counter.
+
+    ``None`` when the version counter is not tracked (inference tensors), in which case a
+    cached derivative cannot be validated and must not be used.
+    """
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors carry no version counter
+        return None
+    return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), tuple(t.stride()), version)
+
+
+def fast_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, bit for bit; float16 -> bfloat16 on CPU goes through float32.
+
+    Both conversions of that route are correctly rounded and the first is exact, so the result
+    is the direct cast's (checked over all 65,536 float16 values in the tests), about six times
+    faster on x86 CPUs where the direct cast has no vectorised kernel.
+    """
+    if t.dtype == torch.float16 and dtype == torch.bfloat16 and t.device.type == "cpu":
+        return t.float().to(dtype)
+    return t.to(dtype)
+
+
+def cached_cast(owner: torch.nn.Module, slot: str, source: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``source.to(dtype)``, computed once and reused while ``source`` is unchanged.
+
+    The copy is kept in the plain attribute ``owner.<slot>`` (not a buffer: it is never saved,
+    and Transformers' reload cannot reset it to garbage) together with a detached alias of
+    ``source`` — the alias shares the version counter, so in-place writes (``copy_``,
+    ``load_state_dict``) invalidate the copy, and it keeps the old storage alive, so a new
+    tensor cannot reuse its address and be mistaken for it. Replacing the tensor (``.data =``,
+    ``module.to(...)``) changes its address and also invalidates the copy.
+
+    Bit-identical to ``source.to(dtype)`` (see :func:`fast_cast`).
+    """
+    key = tensor_key(source)
+    entry = owner.__dict__.get(slot)
+    if key is not None and entry is not None and entry[0] == key:
+        return entry[2]
+    converted = fast_cast(source, dtype)
+    if key is not None and source.device.type != "meta":
+        owner.__dict__[slot] = (key, source.detach(), converted)
+    return converted
+
+
+def clear_cached(owner: torch.nn.Module, slot: str) -> None:
+    """Drop a copy kept by :func:`cached_cast`."""
+    owner.__dict__.pop(slot, None)

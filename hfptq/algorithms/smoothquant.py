@@ -1,0 +1,670 @@
+"""SmoothQuant: move activation outliers into the weights, folded so inference cost is unchanged.
+
+For a linear ``y = x W^T`` whose input has a few outlier channels, dividing input channel ``j`` by
+``s_j`` and multiplying weight column ``j`` by ``s_j`` leaves ``y`` unchanged in exact arithmetic
+while flattening the activation range that per-token/per-tensor INT8 must cover::
+
+    s_j = max|X_j| ** alpha / max|W_j| ** (1 - alpha)
+
+The division of ``x`` is folded into whatever produced it, so nothing is added at run time:
+
+* a norm (RMSNorm / LayerNorm) feeding q/k/v or gate/up: its weight (and bias) is divided by
+  ``s``. Gemma norms scale by ``(1 + w)``, so there ``w' = (1 + w) / s - 1``;
+* ``up_proj`` feeding ``down_proj`` in a gated MLP: ``down_proj`` sees ``act(gate(x)) * up(x)``,
+  which is linear in ``up(x)``, so dividing ``up_proj``'s output rows by ``s`` divides
+  ``down_proj``'s input channels by ``s``.
+
+Which norm feeds which linears is architecture specific and easy to get wrong (Gemma 2/3 apply
+``post_attention_layernorm`` to the attention *output*; their MLP input norm is
+``pre_feedforward_layernorm``). :data:`SMOOTH_TABLE` spells it out per ``model_type``; every
+fold into a norm is also verified numerically on a probe input (the norm output must become
+exactly ``output / s``), with the other offset convention tried when the first one fails, so a
+wrong table entry cannot silently corrupt a model.
+
+Only groups whose consumers are W8A8 in the plan are smoothed: weight-only modules gain nothing
+from a flatter activation range and only see their weights' range grow.
+
+Example:
+    >>> absmax, samples = collect_activation_stats(model, names, batches)      # doctest: +SKIP
+    >>> info = smooth_model(model, plan, absmax, {"alpha": 0.5}, inputs=samples)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import CalibrationError
+from ..quant.qparams import compute_qparams, dequantize, dequantize_weight, quantize, quantize_per_token, quantize_weight
+from . import validate_options
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SMOOTH_TABLE",
+    "InputSampler",
+    "SmoothGroup",
+    "collect_activation_stats",
+    "find_decoder_layers",
+    "groups_for",
+    "smooth_layer",
+    "smooth_model",
+    "smoothing_scales",
+]
+
+
+@dataclass(frozen=True)
+class SmoothGroup:
+    """One smoothing site inside a decoder layer (paths relative to the layer).
+
+    Attributes:
+        name: short label (``"qkv"``, ``"gate_up"``, ``"down"``), usable in ``options["groups"]``.
+        prev: module whose output is the consumers' input (a norm or a linear).
+        consumers: linears reading that output.
+        prev_rows: for a fused linear ``prev`` (Phi-3 ``gate_up_proj``), which output rows feed the
+            consumers: ``"second_half"``; ``None`` means all of them.
+        norm_offset: ``1.0`` when the norm scales by ``(1 + w)`` (Gemma), ``0.0`` when by ``w``;
+            only a first guess, checked numerically when folding.
+    """
+
+    name: str
+    prev: str
+    consumers: Tuple[str, ...]
+    prev_rows: Optional[str] = None
+    norm_offset: float = 0.0
+
+
+def _llama_like(mlp_norm: str, offset: float) -> Tuple[SmoothGroup, ...]:
+    return (
+        SmoothGroup("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                    norm_offset=offset),
+        SmoothGroup("gate_up", mlp_norm, ("mlp.gate_proj", "mlp.up_proj"), norm_offset=offset),
+        SmoothGroup("down", "mlp.up_proj", ("mlp.down_proj",)),
+    )
+
+
+#: (prev -> consumers) per ``model_type``. Gemma 1 feeds its MLP from ``post_attention_layernorm``
+#: (like Llama, but with the ``1 + w`` scaling); Gemma 2 and 3 apply ``post_attention_layernorm``
+#: to the attention output and feed the MLP from ``pre_feedforward_layernorm``.
+SMOOTH_TABLE: Dict[str, Tuple[SmoothGroup, ...]] = {
+    "llama": _llama_like("post_attention_layernorm", 0.0),
+    "mistral": _llama_like("post_attention_layernorm", 0.0),
+    "qwen2": _llama_like("post_attention_layernorm", 0.0),
+    "qwen3": _llama_like("post_attention_layernorm", 0.0),
+    "gemma": _llama_like("post_attention_layernorm", 1.0),
+    "gemma2": _llama_like("pre_feedforward_layernorm", 1.0),
+    "gemma3": _llama_like("pre_feedforward_layernorm", 1.0),
+    "gemma3_text": _llama_like("pre_feedforward_layernorm", 1.0),
+    "phi3": (
+        SmoothGroup("qkv", "input_layernorm", ("self_attn.qkv_proj",)),
+        SmoothGroup("gate_up", "post_attention_layernorm", ("mlp.gate_up_proj",)),
+        # Phi3MLP: gate, up = gate_up_proj(x).chunk(2); down_proj(up * act(gate))
+        SmoothGroup("down", "mlp.gate_up_proj", ("mlp.down_proj",), prev_rows="second_half"),
+    ),
+}
+
+
+def groups_for(model_type: str, options: Optional[Mapping[str, Any]] = None) -> Tuple[SmoothGroup, ...]:
+    """The smoothing groups for ``model_type`` (``options["table"]`` overrides the built-in table).
+
+    Returns an empty tuple for architectures without a table (smoothing is then skipped and
+    reported); ``options["groups"]`` keeps only the named groups.
+
+    Example:
+        >>> [g.prev for g in groups_for("gemma3_text")]
+        ['input_layernorm', 'pre_feedforward_layernorm', 'mlp.up_proj']
+    """
+    options = options or {}
+    table = options.get("table")
+    if table:
+        groups = tuple(
+            SmoothGroup(row["name"], row["prev"], tuple(row["consumers"]), row.get("prev_rows"),
+                        float(row["norm_offset"]) if row.get("norm_offset") is not None else 0.0)
+            for row in table
+        )
+    else:
+        groups = SMOOTH_TABLE.get(model_type, ())
+    wanted = options.get("groups")
+    if wanted is not None:
+        known = {g.name for g in groups}
+        unknown = [w for w in wanted if w not in known]
+        if unknown and groups:
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"smoothquant.groups names {unknown} that the {model_type!r} table does not have; "
+                f"its groups are {sorted(known)}."
+            )
+        groups = tuple(g for g in groups if g.name in wanted)
+    return groups
+
+
+# --------------------------------------------------------------------------------------------
+# Math
+# --------------------------------------------------------------------------------------------
+
+
+def smoothing_scales(
+    act_absmax: torch.Tensor,
+    weight_absmax: torch.Tensor,
+    alpha: float,
+    min_scale: float = 1e-5,
+    max_scale: float = 1e5,
+) -> torch.Tensor:
+    """Per-channel factors ``s_j = a_j**alpha / w_j**(1 - alpha)`` (float32).
+
+    Channels whose activation or weight maximum is zero (dead in the calibration data) get
+    ``s_j = 1``; the rest are clamped to ``[min_scale, max_scale]``.
+
+    Example:
+        >>> smoothing_scales(torch.tensor([4.0, 1.0, 0.0]), torch.tensor([1.0, 1.0, 2.0]), 0.5)
+        tensor([2., 1., 1.])
+    """
+    a = act_absmax.detach().float()
+    w = weight_absmax.detach().float().to(a.device)
+    live = (a > 0) & (w > 0) & torch.isfinite(a) & torch.isfinite(w)
+    s = torch.ones_like(a)
+    s[live] = a[live].pow(alpha) / w[live].pow(1.0 - alpha)
+    return s.clamp(min_scale, max_scale)
+
+
+def _weight2d(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    if type(module).__name__ == "Conv1D":
+        return weight.t()
+    return weight
+
+
+def _fake_weight(weight: torch.Tensor, args: Mapping[str, Any]) -> torch.Tensor:
+    q, scale, zp = quantize_weight(weight, int(args.get("bits", 8)), bool(args.get("symmetric", True)),
+                                   args.get("granularity", "channel"), args.get("group_size"))
+    return dequantize_weight(q, scale, zp)
+
+
+def _fake_act(x: torch.Tensor, args: Mapping[str, Any], absmax_scaled: torch.Tensor) -> torch.Tensor:
+    mode = args.get("mode", "none")
+    symmetric = bool(args.get("symmetric", True))
+    if mode == "dynamic":
+        q, scale, zp = quantize_per_token(x, 8, symmetric)
+        return dequantize(q, scale, zp)
+    if mode == "static":
+        if symmetric:
+            # exactly the per-tensor range a min/max observer would freeze over the calibration set
+            top = absmax_scaled.max()
+            scale, zp = compute_qparams(-top, top, 8, True)
+        else:
+            scale, zp = compute_qparams(x.min(), x.max(), 8, False)
+        return dequantize(quantize(x, scale, zp, 8, symmetric), scale, zp)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Folding
+# --------------------------------------------------------------------------------------------
+
+
+def _probe_norm(norm: nn.Module, hidden: int, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    x = (torch.randn(8, hidden, generator=gen) * 3.0).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        return x, norm(x).float()
+
+
+def _fold_into_norm(norm: nn.Module, s: torch.Tensor, offset_first: float) -> Tuple[float, float]:
+    """Divide the norm's output by ``s`` in place; returns ``(offset used, max relative error)``.
+
+    Tries ``offset_first`` then the other convention; each attempt is verified on a probe input.
+    Raises :class:`CalibrationError` (weights restored) when neither reproduces ``output / s``.
+    """
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.numel() != s.numel():
+        raise CalibrationError(f"{type(norm).__name__} has no per-channel weight of size {s.numel()} to fold into.")
+    bias = getattr(norm, "bias", None)
+    bias = bias if isinstance(bias, torch.Tensor) else None
+    saved_w = weight.detach().clone()
+    saved_b = None if bias is None else bias.detach().clone()
+    x, ref = _probe_norm(norm, s.numel(), weight.dtype if weight.is_floating_point() else torch.float32, weight.device)
+    target = ref / s.to(ref.device)
+    tol = {torch.float32: 1e-4, torch.float64: 1e-9}.get(weight.dtype, 2e-2)
+    denom = target.abs().amax().clamp_min(1e-30)
+    last_err = math.inf
+    for offset in (offset_first, 1.0 - offset_first):
+        with torch.no_grad():
+            s64 = s.to(device=weight.device, dtype=torch.float64)
+            new_w = (saved_w.double() + offset) / s64 - offset
+            weight.copy_(new_w.to(weight.dtype))
+            if bias is not None:
+                bias.copy_((saved_b.double() / s64).to(bias.dtype))
+            got = norm(x).float()
+        err = float((got - target).abs().amax() / denom)
+        if err <= tol:
+            return offset, err
+        last_err = min(last_err, err)
+        with torch.no_grad():
+            weight.copy_(saved_w)
+            if bias is not None:
+                bias.copy_(saved_b)
+    raise CalibrationError(
+        f"Could not fold SmoothQuant scales into {type(norm).__name__}: neither the 'w' nor the '1 + w' "
+        f"convention reproduces output / s (best relative error {last_err:.2e} > {tol:.0e}; a low-precision norm "
+        "weight cannot represent the folded values). Weights were restored; smooth this group in float32 or "
+        "exclude it with smoothquant.groups."
+    )
+
+
+def _fold_into_linear(prev: nn.Module, s: torch.Tensor, prev_rows: Optional[str]) -> None:
+    weight = _weight2d(prev)
+    out_features = weight.shape[0]
+    if prev_rows == "second_half":
+        start = out_features // 2
+    else:
+        start = 0
+    if out_features - start != s.numel():
+        raise CalibrationError(
+            f"{type(prev).__name__} has {out_features - start} output rows feeding the consumers but the smoothing "
+            f"factors have {s.numel()} channels."
+        )
+    with torch.no_grad():
+        factor = s.to(device=weight.device, dtype=torch.float32)
+        rows = weight[start:].float() / factor.view(-1, 1)
+        weight[start:].copy_(rows.to(weight.dtype))
+        bias = getattr(prev, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias[start:].copy_((bias[start:].float() / factor).to(bias.dtype))
+
+
+def _scale_consumers(consumers: Sequence[nn.Module], s: torch.Tensor) -> None:
+    with torch.no_grad():
+        for module in consumers:
+            weight = _weight2d(module)
+            factor = s.to(device=weight.device, dtype=torch.float32).view(1, -1)
+            weight.copy_((weight.float() * factor).to(weight.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# One layer
+# --------------------------------------------------------------------------------------------
+
+
+def _get(layer: nn.Module, path: str) -> Optional[nn.Module]:
+    try:
+        return layer.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _is_w8a8(entry: Any) -> bool:
+    return entry is not None and entry.quantized and (entry.activations or {}).get("mode", "none") != "none"
+
+
+def _search_alpha(
+    group: SmoothGroup,
+    x: torch.Tensor,
+    consumers: Sequence[nn.Module],
+    entries: Sequence[Any],
+    act_absmax: torch.Tensor,
+    weight_absmax: torch.Tensor,
+    opts: Mapping[str, Any],
+) -> Tuple[Optional[float], Dict[str, float]]:
+    """Grid search of alpha minimising the summed relative output error of the W8A8 consumers."""
+    x = x.float()
+    refs = []
+    for module, entry in zip(consumers, entries):
+        if not _is_w8a8(entry):
+            continue
+        w = _weight2d(module).detach().float().to(x.device)
+        y = x @ w.t()
+        refs.append((w, entry, y, y.pow(2).sum().clamp_min(1e-30)))
+    candidates: List[Optional[float]] = list(opts["alpha_grid"])
+    if opts["search_keeps_unsmoothed"]:
+        candidates.insert(0, None)
+    errors: Dict[str, float] = {}
+    best, best_err = None, math.inf
+    for alpha in candidates:
+        if alpha is None:
+            s = torch.ones_like(act_absmax, dtype=torch.float32)
+        else:
+            s = smoothing_scales(act_absmax, weight_absmax, alpha, opts["min_scale"], opts["max_scale"])
+        s = s.to(x.device)
+        total = 0.0
+        xs = x / s
+        act_cache: Dict[str, torch.Tensor] = {}  # q/k/v share one input and usually one activation scheme
+        for w, entry, y, energy in refs:
+            key = repr(sorted((entry.activations or {}).items()))
+            if key not in act_cache:
+                act_cache[key] = _fake_act(xs, entry.activations, act_absmax.to(x.device) / s)
+            xq = act_cache[key]
+            wq = _fake_weight(w * s.view(1, -1), entry.weights)
+            total += float((xq @ wq.t() - y).pow(2).sum() / energy)
+        errors["none" if alpha is None else f"{alpha:g}"] = total
+        if total < best_err - 1e-12:
+            best, best_err = alpha, total
+    return best, errors
+
+
+def smooth_layer(
+    layer: nn.Module,
+    layer_name: str,
+    plan: Any,
+    absmax: Mapping[str, torch.Tensor],
+    options: Optional[Mapping[str, Any]],
+    model_config: Any,
+    *,
+    inputs: Optional[Mapping[str, torch.Tensor]] = None,
+) -> Dict[str, Any]:
+    """Smooth the W8A8 groups of one decoder layer in place.
+
+    Args:
+        layer: the decoder layer (float modules).
+        layer_name: its full name in the model (``"model.layers.3"``); consumer names in ``plan``
+            and ``absmax`` are ``f"{layer_name}.{path}"``.
+        plan: the resolved :class:`~hfptq.plan.Plan`; only groups with a W8A8 consumer (and no
+            weight-only integer consumer) are smoothed.
+        absmax: per-input-channel ``max |x|`` of each planned linear's input over the calibration
+            data, keyed by full module name.
+        options: ``HfPtqConfig.smoothquant`` (validated by
+            :func:`hfptq.algorithms.validate_options`).
+        model_config: the model's config (its ``model_type`` selects the table).
+        inputs: sample rows ``[n, in_features]`` of each consumer's input (only needed for
+            ``alpha="search"``; groups without samples then use alpha 0.5 and say so).
+
+    Returns:
+        ``{"layer", "groups": [...]}``, one record per group: ``status`` (``"smoothed"`` or
+        ``"skipped"`` with a ``reason``), ``alpha``, ``act_range_before``/``act_range_after``
+        (``max_j a_j / median_j a_j``, the outlier spread per-tensor/per-token INT8 must cover),
+        and for searched groups the simulated output ``error`` per alpha candidate.
+
+    Example:
+        >>> info = smooth_layer(model.model.layers[0], "model.layers.0", plan, absmax,
+        ...                     {"alpha": 0.5}, model.config)                # doctest: +SKIP
+    """
+    opts = validate_options("smoothquant", options)
+    model_type = getattr(model_config, "model_type", "") or ""
+    groups = groups_for(model_type, opts)
+    info: Dict[str, Any] = {"layer": layer_name, "groups": []}
+    if not groups:
+        info["skipped"] = (
+            f"no SmoothQuant table for model_type={model_type!r}; pass smoothquant.table=[{{'prev': ..., "
+            "'consumers': [...]}}] to describe which norm feeds which linears"
+        )
+        return info
+    for group in groups:
+        info["groups"].append(_smooth_group(layer, layer_name, plan, absmax, opts, group, inputs))
+    return info
+
+
+def _skip(record: Dict[str, Any], reason: str) -> Dict[str, Any]:
+    record["status"] = "skipped"
+    record["reason"] = reason
+    logger.debug("SmoothQuant %s: skipped (%s)", record["prev"], reason)
+    return record
+
+
+def _spread(a: torch.Tensor) -> float:
+    a = a.float()
+    med = a.median()
+    return float(a.max() / med) if med > 0 else math.inf
+
+
+def _smooth_group(layer, layer_name, plan, absmax, opts, group: SmoothGroup, inputs) -> Dict[str, Any]:
+    full = lambda path: f"{layer_name}.{path}" if layer_name else path  # noqa: E731
+    record: Dict[str, Any] = {"group": group.name, "prev": full(group.prev),
+                              "consumers": [full(c) for c in group.consumers]}
+    prev = _get(layer, group.prev)
+    consumers = [_get(layer, c) for c in group.consumers]
+    if prev is None or any(c is None for c in consumers):
+        missing = [p for p, m in zip((group.prev, *group.consumers), (prev, *consumers)) if m is None]
+        return _skip(record, f"module(s) {missing} not found in the layer")
+    if any(not isinstance(getattr(c, "weight", None), torch.Tensor) or not c.weight.is_floating_point()
+           for c in consumers):
+        return _skip(record, "a consumer is no longer a float linear (already converted?)")
+    entries = [plan.get(name) if plan is not None else None for name in record["consumers"]]
+    if not any(_is_w8a8(e) for e in entries):
+        return _skip(record, "no consumer is W8A8 in the plan (weight-only or float modules gain nothing)")
+    weight_only = [n for n, e in zip(record["consumers"], entries)
+                   if e is not None and e.quantized and not _is_w8a8(e)]
+    if weight_only:
+        return _skip(record, f"consumers {weight_only} are weight-only integer: smoothing would only widen their "
+                             "weight range")
+    stats = [absmax[n] for n in record["consumers"] if n in absmax]
+    if not stats:
+        return _skip(record, "no activation statistics for the consumers")
+    act = torch.stack([t.detach().float().reshape(-1).cpu() for t in stats]).amax(dim=0)
+    in_features = _weight2d(consumers[0]).shape[1]
+    if act.numel() != in_features:
+        return _skip(record, f"activation statistics have {act.numel()} channels, consumers take {in_features}")
+    if not torch.isfinite(act).all():
+        raise CalibrationError(
+            f"Non-finite activation maximum at the input of {record['consumers']}: the calibration forward produced "
+            "inf/NaN. Check the model dtype (run calibration in float32) and the calibration data."
+        )
+    w_abs = torch.stack([_weight2d(c).detach().float().abs().amax(dim=0).cpu() for c in consumers]).amax(dim=0)
+
+    alpha: Optional[float]
+    if opts["alpha"] == "search":
+        sample = None
+        if inputs is not None:
+            sample = next((inputs[n] for n in record["consumers"] if n in inputs), None)
+        if sample is None:
+            alpha = 0.5
+            record["search"] = "no input samples given; used alpha=0.5"
+            logger.warning("SmoothQuant alpha search for %s has no input samples; using alpha=0.5.", record["prev"])
+        else:
+            sample = sample.reshape(-1, in_features)
+            if sample.shape[0] > opts["search_tokens"]:
+                idx = torch.linspace(0, sample.shape[0] - 1, opts["search_tokens"]).round().long()
+                sample = sample[idx]
+            alpha, errors = _search_alpha(group, sample, consumers, entries, act, w_abs, opts)
+            record["error"] = errors
+            record["error_unsmoothed"] = errors.get("none")
+            record["error_chosen"] = errors["none" if alpha is None else f"{alpha:g}"]
+            if alpha is None:
+                record["alpha"] = None
+                return _skip(record, "the alpha search found smoothing does not lower this group's output error")
+    else:
+        alpha = float(opts["alpha"])
+    s = smoothing_scales(act, w_abs, alpha, opts["min_scale"], opts["max_scale"])
+    record["alpha"] = alpha
+
+    # fold first (it may refuse, leaving everything untouched), then scale the consumers
+    if isinstance(prev, nn.Linear) or type(prev).__name__ == "Conv1D":
+        _fold_into_linear(prev, s, group.prev_rows)
+        record["folded_into"] = "linear rows"
+    else:
+        try:
+            offset, err = _fold_into_norm(prev, s, group.norm_offset)
+        except CalibrationError as exc:
+            return _skip(record, str(exc))
+        record["folded_into"] = "norm (1 + w)" if offset == 1.0 else "norm (w)"
+        record["fold_error"] = err
+        if offset != group.norm_offset:
+            logger.warning("SmoothQuant: %s scales by %s, not as the table says; folded accordingly.",
+                           record["prev"], "(1 + w)" if offset else "w")
+    _scale_consumers(consumers, s)
+    record["status"] = "smoothed"
+    record["scale_min"] = float(s.min())
+    record["scale_max"] = float(s.max())
+    record["act_range_before"] = _spread(act)
+    record["act_range_after"] = _spread(act / s)
+    return record
+
+
+class InputSampler:
+    """A uniform sample of at most ``max_rows`` input rows per module (for the alpha search).
+
+    A calibration stats hook: ``sampler(name, x, batch_index)`` with ``x`` ``[tokens, in]``. Every row
+    seen gets a random priority and the ``max_rows`` lowest are kept, which is a uniform sample
+    without replacement of all rows, whatever the batch split; memory is ``max_rows`` rows per module.
+
+    Example:
+        >>> sampler = InputSampler(max_rows=4)
+        >>> for b in range(3):
+        ...     sampler("fc", torch.randn(10, 8), b)
+        >>> sampler.samples()["fc"].shape
+        torch.Size([4, 8])
+    """
+
+    def __init__(self, max_rows: int = 1024, seed: int = 0) -> None:
+        self.max_rows = int(max_rows)
+        self._gen = torch.Generator().manual_seed(seed)
+        self._rows: Dict[str, torch.Tensor] = {}
+        self._keys: Dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, x: torch.Tensor, batch_index: int = 0) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        keys = torch.rand(rows.shape[0], generator=self._gen)
+        if name in self._rows:
+            rows = torch.cat([self._rows[name], rows])
+            keys = torch.cat([self._keys[name], keys])
+        if rows.shape[0] > self.max_rows:
+            keep = torch.topk(keys, self.max_rows, largest=False).indices
+            rows, keys = rows[keep], keys[keep]
+        self._rows[name] = rows.clone()
+        self._keys[name] = keys
+
+    def samples(self) -> Dict[str, torch.Tensor]:
+        """``{module name: rows [n, in_features]}``."""
+        return dict(self._rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole model (non-sequential use, tests, studies)
+# --------------------------------------------------------------------------------------------
+
+
+def find_decoder_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """``(name, layer)`` of the decoder layers: the children of the longest ``ModuleList`` of blocks.
+
+    Example:
+        >>> [name for name, _ in find_decoder_layers(model)][:2]          # doctest: +SKIP
+        ['model.layers.0', 'model.layers.1']
+    """
+    best: Tuple[str, Optional[nn.ModuleList]] = ("", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if best[1] is None or len(module) > len(best[1]):
+                if any(isinstance(m, nn.Linear) for m in module[0].modules()):
+                    best = (name, module)
+    if best[1] is None:
+        return []
+    prefix = best[0]
+    return [(f"{prefix}.{i}" if prefix else str(i), layer) for i, layer in enumerate(best[1])]
+
+
+@torch.no_grad()
+def collect_activation_stats(
+    model: nn.Module,
+    names: Iterable[str],
+    batches: Iterable[torch.Tensor],
+    *,
+    sample_rows: int = 0,
+    seed: int = 0,
+    progress: bool = False,
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """Per-input-channel ``max |x|`` (and optionally sample rows) of the inputs of ``names``.
+
+    One forward pass per batch of token ids, through the float model (not sequential: for the
+    layer-by-layer version the calibration engine collects the same statistics).
+
+    Returns:
+        ``(absmax, samples)``: ``absmax[name]`` float32 ``[in_features]``; ``samples[name]`` up to
+        ``sample_rows`` input rows ``[n, in_features]`` drawn uniformly (empty dict when 0).
+
+    Example:
+        >>> absmax, _ = collect_activation_stats(model, ["model.layers.0.mlp.down_proj"], [ids])  # doctest: +SKIP
+    """
+    names = list(names)
+    absmax: Dict[str, torch.Tensor] = {}
+    samples: Dict[str, List[torch.Tensor]] = {n: [] for n in names} if sample_rows else {}
+    gen = torch.Generator().manual_seed(seed)
+    handles = []
+
+    def hook_for(name: str):
+        def hook(_module, args):
+            x = args[0].detach()
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            cur = x2.abs().amax(dim=0).cpu()
+            absmax[name] = cur if name not in absmax else torch.maximum(absmax[name], cur)
+            if sample_rows:
+                take = min(sample_rows, x2.shape[0])
+                idx = torch.randperm(x2.shape[0], generator=gen)[:take]
+                samples[name].append(x2[idx.to(x2.device)].cpu())
+        return hook
+
+    for name in names:
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook_for(name)))
+    try:
+        for batch in tqdm(list(batches), desc="hfptq: activation stats", disable=not progress, leave=False):
+            batch = batch if batch.dim() == 2 else batch.unsqueeze(0)
+            model(input_ids=batch.to(next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    out_samples: Dict[str, torch.Tensor] = {}
+    for name, chunks in samples.items():
+        if chunks:
+            rows = torch.cat(chunks)
+            if rows.shape[0] > sample_rows:
+                rows = rows[torch.randperm(rows.shape[0], generator=gen)[:sample_rows]]
+            out_samples[name] = rows
+    return absmax, out_samples
+
+
+def smooth_model(
+    model: nn.Module,
+    plan: Any,
+    absmax: Mapping[str, torch.Tensor],
+    options: Optional[Mapping[str, Any]] = None,
+    *,
+    inputs: Optional[Mapping[str, torch.Tensor]] = None,
+    progress: bool = False,
+) -> Dict[str, Any]:
+    """Apply :func:`smooth_layer` to every decoder layer (statistics collected beforehand).
+
+    With ``alpha="search"`` and statistics from the float model this is the classic one-shot
+    SmoothQuant; the sequential calibration engine instead calls :func:`smooth_layer` per layer.
+
+    Returns:
+        ``{"name": "smoothquant", "layers": [...], "groups_smoothed": n, "groups_skipped": m}``.
+
+    Example:
+        >>> absmax, samples = collect_activation_stats(model, plan.quantized_names(), [ids], sample_rows=512)  # doctest: +SKIP
+        >>> smooth_model(model, plan, absmax, {"alpha": "search"}, inputs=samples)["groups_smoothed"]  # doctest: +SKIP
+    """
+    layers = find_decoder_layers(model)
+    records = []
+    for name, layer in tqdm(layers, desc="hfptq: smoothquant", disable=not progress, leave=False):
+        records.append(smooth_layer(layer, name, plan, absmax, options, getattr(model, "config", None), inputs=inputs))
+    return summarize(records, validate_options("smoothquant", options))
+
+
+def summarize(records: Sequence[Mapping[str, Any]], options: Mapping[str, Any]) -> Dict[str, Any]:
+    """Aggregate per-layer :func:`smooth_layer` records into the report's ``algorithms`` entry."""
+    groups = [g for r in records for g in r.get("groups", [])]
+    smoothed = [g for g in groups if g.get("status") == "smoothed"]
+    alphas = [g["alpha"] for g in smoothed if g.get("alpha") is not None]
+    out: Dict[str, Any] = {
+        "name": "smoothquant",
+        "alpha": options.get("alpha"),
+        "groups_smoothed": len(smoothed),
+        "groups_skipped": len(groups) - len(smoothed),
+        "layers": list(records),
+    }
+    if alphas:
+        out["alpha_mean"] = sum(alphas) / len(alphas)
+    before = [g["act_range_before"] for g in smoothed if math.isfinite(g.get("act_range_before", math.inf))]
+    after = [g["act_range_after"] for g in smoothed if math.isfinite(g.get("act_range_after", math.inf))]
+    if before and after:
+        out["act_range_before_mean"] = sum(before) / len(before)
+        out["act_range_after_mean"] = sum(after) / len(after)
+    unsm = [g["error_unsmoothed"] for g in groups if g.get("error_unsmoothed") is not None]
+    chosen = [g["error_chosen"] for g in groups if g.get("error_chosen") is not None]
+    if unsm and chosen:
+        out["search_error_unsmoothed"] = sum(unsm)
+        out["search_error_chosen"] = sum(chosen)
+    return out

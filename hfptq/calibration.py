@@ -1,0 +1,1351 @@
+"""Calibration: run token batches through the model and measure what static quantization needs.
+
+:func:`calibrate` feeds the calibration tokens (``[num_samples, seq_len]``, see
+:func:`hfptq.data.calibration_batches`) through a float model and returns a
+:class:`CalibrationResult`: the frozen per-tensor activation ``(scale, zero_point)`` of every
+module whose plan entry is static W8A8, plus the outputs of the accuracy algorithms
+(SmoothQuant, GPTQ) when the config enables them. It never quantizes anything itself:
+:func:`hfptq.convert.convert_model` consumes the result.
+
+Sequential engine (``calibration.sequential=True``, the default)
+-----------------------------------------------------------------
+Memory is bounded by one decoder layer, not by the whole model's activations:
+
+1. **Capture.** The embedding part of the model runs on every batch and stops at the first
+   decoder layer (a forward pre-hook records its input and raises a private exception). The
+   hidden states of all calibration samples are kept in one CPU tensor. For the first batch of
+   each batch size the layers are swapped for pass-through stubs (a *probe*) that record the
+   extra arguments each layer receives (attention mask, rotary embeddings, position ids, ...):
+   they depend on the layer (Gemma 3 alternates sliding-window and global attention) and on the
+   batch shape, never on the token values. When the model's loop does not hand each layer's
+   output straight to the next layer (layers returning tuples), the probe runs the real layers.
+2. **Layers.** For each decoder layer ``i``: [SmoothQuant: a pass collecting the per-channel
+   abs-max of every linear input, then ``smooth_layer`` folds the smoothing scales] → the
+   observing pass (forward pre-hooks feed the observers of the static modules, the GPTQ Hessians
+   and ``extra_stats_hooks``) → [GPTQ: quantize each linear of the layer, then a pass with the
+   new weights] → the layer's outputs overwrite its inputs in the cache and become layer
+   ``i + 1``'s inputs.
+3. **Tail.** Planned modules outside the decoder layers (the LM head) are observed by running
+   the model once more per batch with the layers replaced by pass-through stubs, the last one
+   returning the cached final hidden states, so the final norm and the LM head see exactly what
+   they see in a full forward. The logits are never computed.
+
+Peak memory ≈ the hidden-state cache (``num_samples × seq_len × hidden × dtype size``) + one
+layer's parameters and one batch of its activations + the observers' histograms. The estimate is
+logged and printed before calibration starts; the measured peak RSS is stored in
+``CalibrationResult.info``.
+
+When the model has no recognisable decoder-layer stack (or ``calibration.sequential=False``),
+calibration falls back to whole-model forwards with hooks on the static modules (same scales,
+memory of one full forward per batch).
+
+Nothing is applied to the model: scales are returned, hooks and stubs are always removed, and
+SmoothQuant/GPTQ work on a copy of each layer whose changes are written back only after every
+layer calibrated without error. A failure (NaN/Inf activations, ...) leaves the model as it was.
+
+Observers
+---------
+Each static module gets its own streaming observer (:mod:`hfptq.quant.observers`): the rule's
+``activations.observer`` if the matching rule sets one, else ``activations.observer`` when it is
+not the default ``"minmax"``, else ``calibration.observer``. Options (``percentile``, ``bins``,
+``averaging_constant``) follow the same order and go to the observers that take them.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import OBSERVER_NAMES, HfPtqConfig
+from .errors import CalibrationError, ConfigError
+from .plan import ModuleSpec, Plan, is_quantizable_linear
+from .quant.observers import Observer, make_observer
+from .quant.qparams import qrange
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CalibrationResult",
+    "ChannelAbsMax",
+    "HessianAccumulator",
+    "MemoryEstimate",
+    "StatsHook",
+    "calibrate",
+    "describe_activation_scheme",
+    "estimate_calibration_memory",
+    "find_decoder_layers",
+    "observer_settings",
+]
+
+StatsHook = Callable[[str, torch.Tensor, int], None]
+"""``hook(module_name, x, batch_index)``: called with the 2-D input ``[tokens, in_features]`` of
+every planned linear during the observing pass (what SmoothQuant/GPTQ-like algorithms need)."""
+
+#: Observer options and the observers that accept them.
+_OBSERVER_OPTIONS: Dict[str, Tuple[str, ...]] = {
+    "percentile": ("percentile",),
+    "bins": ("percentile", "entropy", "mse"),
+    "averaging_constant": ("minmax",),
+}
+_DEFAULT_OBSERVER = "minmax"
+
+#: Where decoder layers live in common Transformers models (tried in order, then a heuristic).
+_DECODER_LAYER_PATHS = (
+    "model.layers",  # Llama, Gemma, Qwen, Mistral, Phi-3 (*ForCausalLM)
+    "model.language_model.layers",  # multimodal wrappers (Gemma 3, Llava-style)
+    "model.decoder.layers",  # OPT
+    "transformer.h",  # GPT-2, GPT-J, Bloom, Falcon
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "transformer.layers",
+    "transformer.blocks",  # MPT
+    "bert.encoder.layer",
+    "roberta.encoder.layer",
+    "encoder.layer",
+    "distilbert.transformer.layer",
+    "transformer.layer",
+    "layers",
+    "h",
+    "decoder.layers",
+)
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early (never escapes this module)."""
+
+
+@dataclass
+class CalibrationResult:
+    """What calibration measured; consumed by :func:`hfptq.convert.convert_model`.
+
+    Attributes:
+        input_qparams: module name -> ``(scale, zero_point)`` of its static input activations:
+            ``scale`` a float32 scalar tensor, ``zero_point`` an int32 scalar tensor or ``None``
+            (symmetric).
+        weights: module name -> replacement float weight ``[out, in]`` (SmoothQuant/GPTQ output).
+        weight_qparams: module name -> weight ``(scale, zero_point)`` chosen by GPTQ.
+        info: human-readable summary (dataset, samples, observers, scheme in words, seconds, peak
+            RSS, estimated memory, per-module ranges); stored on ``model.hfptq_calibration``.
+    """
+
+    input_qparams: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]] = field(default_factory=dict)
+    weights: Dict[str, torch.Tensor] = field(default_factory=dict)
+    weight_qparams: Dict[str, tuple] = field(default_factory=dict)
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics collectors for algorithms (usable as ``extra_stats_hooks``)
+# ------------------------------------------------------------------------------------------------
+
+
+class ChannelAbsMax:
+    """Running per-input-channel ``max |x|`` of each module's input (SmoothQuant's statistic).
+
+    Example:
+        >>> stats = ChannelAbsMax()
+        >>> stats("mlp.up_proj", torch.tensor([[1.0, -3.0], [-2.0, 0.5]]), 0)
+        >>> stats.values["mlp.up_proj"]
+        tensor([2., 3.])
+    """
+
+    def __init__(self, names: Optional[Sequence[str]] = None) -> None:
+        self.names = None if names is None else set(names)
+        self.values: Dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, x: torch.Tensor, batch_index: int) -> None:
+        if self.names is not None and name not in self.names:
+            return
+        amax = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+        previous = self.values.get(name)
+        self.values[name] = amax if previous is None else torch.maximum(previous, amax)
+
+
+class HessianAccumulator:
+    """Running ``H = 2/N · Σ x xᵀ`` over the ``N`` input tokens of each module (GPTQ's Hessian).
+
+    Accumulated in float32, ``[in_features, in_features]`` per module. GPTQ is invariant to the
+    overall scale of ``H`` (its damping is relative to ``mean(diag(H))``).
+
+    Example:
+        >>> acc = HessianAccumulator()
+        >>> acc("fc", torch.tensor([[1.0, 0.0], [0.0, 2.0]]), 0)
+        >>> acc.hessian("fc")
+        tensor([[1., 0.],
+                [0., 4.]])
+    """
+
+    def __init__(self, names: Optional[Sequence[str]] = None) -> None:
+        self.names = None if names is None else set(names)
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.counts: Dict[str, int] = {}
+
+    def __call__(self, name: str, x: torch.Tensor, batch_index: int) -> None:
+        if self.names is not None and name not in self.names:
+            return
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        xtx = x2.t() @ x2
+        if name in self.sums:
+            self.sums[name] += xtx
+        else:
+            self.sums[name] = xtx
+        self.counts[name] = self.counts.get(name, 0) + x2.shape[0]
+
+    def hessian(self, name: str) -> torch.Tensor:
+        """``2/N · Σ x xᵀ`` of ``name``'s inputs (float32)."""
+        if name not in self.sums:
+            raise CalibrationError(f"No input was recorded for {name!r}; its Hessian cannot be computed.")
+        return self.sums[name] * (2.0 / max(1, self.counts[name]))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.sums.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# Model structure
+# ------------------------------------------------------------------------------------------------
+
+
+def _get(model: nn.Module, name: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _count_linears(module: nn.Module) -> int:
+    return sum(1 for m in module.modules() if is_quantizable_linear(m))
+
+
+def find_decoder_layers(model: nn.Module) -> Optional[Tuple[str, nn.ModuleList]]:
+    """Locate the stack of decoder (or encoder) layers: ``(name, ModuleList)``, or ``None``.
+
+    Known attribute paths are tried first (``model.layers`` for Llama/Gemma/Qwen/Mistral,
+    ``transformer.h`` for GPT-2, ``gpt_neox.layers``, ``model.decoder.layers`` for OPT,
+    ``bert.encoder.layer``...); otherwise the ``nn.ModuleList`` of identical blocks holding the
+    most linear layers is taken. ``None`` means no such stack exists: calibration then runs whole
+    forwards instead of layer by layer.
+
+    Example:
+        >>> name, layers = find_decoder_layers(llama_model)  # doctest: +SKIP
+        >>> name, len(layers)  # doctest: +SKIP
+        ('model.layers', 32)
+    """
+    for path in _DECODER_LAYER_PATHS:
+        candidate = _get(model, path)
+        if isinstance(candidate, nn.ModuleList) and len(candidate) > 0 and _count_linears(candidate) > 0:
+            return path, candidate
+    best: Optional[Tuple[int, int, str, nn.ModuleList]] = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0 or not name:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        n_linear = _count_linears(module)
+        if n_linear == 0:
+            continue
+        key = (n_linear, -name.count("."))
+        if best is None or key > best[:2]:
+            best = (n_linear, -name.count("."), name, module)
+    if best is None:
+        return None
+    return best[2], best[3]
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> Tuple[Optional[torch.Tensor], tuple, dict]:
+    """``(hidden_states, other positional args, kwargs)`` of a layer call."""
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs)
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states", None), (), kwargs
+
+
+def _hidden_of(output: Any) -> torch.Tensor:
+    """The hidden states a layer returned (a tensor, or the first item of a tuple/ModelOutput)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if hasattr(output, "to_tuple"):
+        return output.to_tuple()[0]
+    raise CalibrationError(
+        f"A decoder layer returned {type(output).__name__}, not hidden states; this architecture cannot be "
+        "calibrated layer by layer. Set calibration.sequential=False."
+    )
+
+
+def _format_like(template: Any, hidden: torch.Tensor) -> Any:
+    """Wrap ``hidden`` the way the real layer wrapped its output (tensor or tuple)."""
+    if isinstance(template, torch.Tensor):
+        return hidden
+    if isinstance(template, tuple):
+        return (hidden,) + tuple(template[1:])
+    if isinstance(template, list):
+        return [hidden] + list(template[1:])
+    raise CalibrationError(f"Unsupported decoder layer output type {type(template).__name__}.")
+
+
+def _sanitize_call(rest: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+    """Drop KV caches from a recorded layer call so that replaying it never grows a cache."""
+    def is_cache(value: Any) -> bool:
+        return type(value).__name__.endswith("Cache")
+
+    rest = tuple(None if is_cache(v) else v for v in rest)
+    kwargs = {k: (None if (k in _CACHE_KWARGS or is_cache(v)) else v) for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return rest, kwargs
+
+
+class _PassThrough(nn.Module):
+    """Stand-in for a decoder layer in the tail pass: returns its input (or injected states)."""
+
+    def __init__(self, template: Any, original: nn.Module) -> None:
+        super().__init__()
+        self.template = template
+        self.inject: Optional[torch.Tensor] = None
+        self.recorder: Optional[Callable[[Any, tuple, dict], None]] = None
+        # not a submodule: attributes the model's loop reads (e.g. ``attention_type``) come from it
+        object.__setattr__(self, "_original", original)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("_original")
+            if original is None:
+                raise
+            return getattr(original, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden, rest, kw = _split_hidden(args, kwargs)
+        if self.recorder is not None:
+            self.recorder(hidden, rest, kw)
+        return _format_like(self.template, hidden if self.inject is None else self.inject)
+
+
+def _weight_out_in(module: nn.Module) -> torch.Tensor:
+    """Weight as ``[out, in]`` (GPT-2 ``Conv1D`` stores ``[in, out]``)."""
+    weight = module.weight
+    return weight.t() if type(module).__name__ == "Conv1D" else weight
+
+
+def _forward_accepts(model: nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.device
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _module_device(module: nn.Module, default: torch.device) -> torch.device:
+    for tensor in module.parameters():
+        if tensor.device.type != "meta":
+            return tensor.device
+    return default
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and isinstance(getattr(emb, "weight", None), torch.Tensor) and emb.weight.is_floating_point():
+        return emb.weight.dtype
+    for tensor in model.parameters():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def _read_status_bytes(key: str) -> Optional[int]:
+    """``VmHWM`` (peak RSS) / ``VmRSS`` of this process from ``/proc/self/status`` (Linux only)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _mib(n: Optional[float]) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+# ------------------------------------------------------------------------------------------------
+# Observers per module
+# ------------------------------------------------------------------------------------------------
+
+
+def _rule_for(entry: ModuleSpec, config: HfPtqConfig) -> Optional[Mapping[str, Any]]:
+    """The rule that decided ``entry`` (plan entries record its label in ``source``)."""
+    for index, rule in enumerate(config.rules):
+        if entry.source == (rule.get("name") or f"rules[{index}]"):
+            return rule
+    return None
+
+
+def _is_static(entry: ModuleSpec) -> bool:
+    return entry.quantized and entry.kind != "embedding" and (entry.activations or {}).get("mode") == "static"
+
+
+def observer_settings(entry: ModuleSpec, config: HfPtqConfig) -> Dict[str, Any]:
+    """Resolve the observer of one static module: ``{"observer", "bits", "symmetric", "granularity", options...}``.
+
+    Precedence: the deciding rule's ``activations.observer`` > ``activations.observer`` (when not
+    the default ``"minmax"``) > ``calibration.observer`` > ``"minmax"``; the options
+    ``percentile``/``bins``/``averaging_constant`` follow the same order and are passed only to
+    the observers that take them.
+
+    Raises:
+        ConfigError: ``activations.observer`` and ``calibration.observer`` both name a
+            non-default observer and disagree, or the resolved name is unknown.
+
+    Example:
+        >>> cfg = HfPtqConfig(activations="static", calibration=dict(dataset="wikitext", observer="entropy"))
+        >>> observer_settings(resolve_plan(model, cfg)["model.layers.0.mlp.down_proj"], cfg)  # doctest: +SKIP
+        {'observer': 'entropy', 'bits': 8, 'symmetric': True, 'granularity': 'tensor'}
+    """
+    acts = dict(entry.activations or {})
+    calib = dict(config.calibration or {})
+    rule = _rule_for(entry, config)
+    rule_acts = rule.get("activations") if rule is not None else None
+    rule_acts = dict(rule_acts) if isinstance(rule_acts, Mapping) else {}
+    global_acts = dict(config.activations or {})
+
+    global_obs = global_acts.get("observer")
+    calib_obs = calib.get("observer")
+    if rule_acts.get("observer") is not None:
+        name = rule_acts["observer"]
+    elif global_obs not in (None, _DEFAULT_OBSERVER):
+        if calib_obs not in (None, _DEFAULT_OBSERVER, global_obs):
+            raise ConfigError(
+                f"activations.observer={global_obs!r} and calibration.observer={calib_obs!r} disagree; set the "
+                "observer in one place (per module, use rules[i].activations.observer)."
+            )
+        name = global_obs
+    else:
+        name = calib_obs or _DEFAULT_OBSERVER
+    if name not in OBSERVER_NAMES:
+        raise ConfigError(f"Observer {name!r} for {entry.name!r} is unknown; choose one of {', '.join(OBSERVER_NAMES)}.")
+
+    settings: Dict[str, Any] = {
+        "observer": name,
+        "bits": int(acts.get("bits", 8)),
+        "symmetric": bool(acts.get("symmetric", True)),
+        "granularity": acts.get("granularity", "tensor"),
+    }
+    for option, observers in _OBSERVER_OPTIONS.items():
+        if name not in observers:
+            continue
+        for source in (rule_acts, global_acts, calib):
+            if source.get(option) is not None:
+                settings[option] = source[option]
+                break
+    return settings
+
+
+def _build_observer(entry: ModuleSpec, settings: Mapping[str, Any]) -> Observer:
+    kwargs = {k: v for k, v in settings.items() if k != "observer"}
+    try:
+        return make_observer(settings["observer"], **kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"Observer of {entry.name!r} ({entry.source}): {exc}") from exc
+
+
+def describe_activation_scheme(settings: Mapping[str, Any]) -> str:
+    """Activation scheme in words, e.g. ``"static per-tensor (symmetric)"``."""
+    gran = {"tensor": "per-tensor", "channel": "per-channel", "token": "per-token"}.get(
+        settings.get("granularity", "tensor"), str(settings.get("granularity")))
+    sym = "symmetric" if settings.get("symmetric", True) else "asymmetric"
+    return f"static {gran} ({sym})"
+
+
+def _observer_state_bytes(settings: Mapping[str, Any]) -> int:
+    if settings["observer"] == "minmax":
+        return 64
+    bins = int(settings.get("bins", 2048))
+    return 2 * bins * 8 + 4 * 8 * bins  # int64 histogram + float64 search temporaries
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory estimate
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryEstimate:
+    """Estimated extra host memory of a calibration run, in bytes, by component."""
+
+    hidden_states: int = 0
+    layer_params: int = 0
+    batch_activations: int = 0
+    observers: int = 0
+    algorithms: int = 0
+    mode: str = "sequential"
+
+    @property
+    def total(self) -> int:
+        return self.hidden_states + self.layer_params + self.batch_activations + self.observers + self.algorithms
+
+    def describe(self) -> str:
+        parts = [f"hidden-state cache {_mib(self.hidden_states)}", f"one batch of activations {_mib(self.batch_activations)}",
+                 f"observers {_mib(self.observers)}"]
+        if self.layer_params:
+            parts.insert(1, f"working layer copy {_mib(self.layer_params)}")
+        if self.algorithms:
+            parts.append(f"SmoothQuant/GPTQ state {_mib(self.algorithms)}")
+        return f"~{_mib(self.total)} on top of the model ({self.mode}: {', '.join(parts)})"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"total_bytes": self.total, "hidden_states_bytes": self.hidden_states,
+                "layer_params_bytes": self.layer_params, "batch_activations_bytes": self.batch_activations,
+                "observers_bytes": self.observers, "algorithms_bytes": self.algorithms, "mode": self.mode}
+
+
+def estimate_calibration_memory(
+    model: nn.Module,
+    plan: Plan,
+    config: HfPtqConfig,
+    num_samples: int,
+    seq_len: int,
+    *,
+    layers: Optional[Tuple[str, nn.ModuleList]] = None,
+    sequential: bool = True,
+) -> MemoryEstimate:
+    """Estimate the host memory calibration needs on top of the model itself.
+
+    Sequential mode: the hidden-state cache (``num_samples × seq_len × hidden × dtype size``,
+    updated in place layer after layer), one batch of a layer's activations (its linears'
+    outputs, a few residual-sized buffers and the attention scores), a working copy of one layer
+    when SmoothQuant/GPTQ rewrite weights, the observers' histograms, and GPTQ's Hessians plus
+    replacement weights. Whole-model mode: one batch of activations of every layer.
+
+    Example:
+        >>> est = estimate_calibration_memory(model, plan, cfg, num_samples=128, seq_len=512)  # doctest: +SKIP
+        >>> print(est.describe())  # doctest: +SKIP
+        ~223.4 MiB on top of the model (sequential: hidden-state cache 160.0 MiB, ...)
+    """
+    mconf = getattr(model, "config", None)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hidden = getattr(mconf, "hidden_size", None) or getattr(emb, "embedding_dim", None) or 0
+    heads = getattr(mconf, "num_attention_heads", None) or 1
+    dsize = torch.empty((), dtype=_model_dtype(model)).element_size()
+    batch = min(int((config.calibration or {}).get("batch_size") or 8), num_samples)
+    tokens = batch * seq_len
+
+    if layers is None and sequential:
+        layers = find_decoder_layers(model)
+    static = [e for e in plan if _is_static(e)]
+    est = MemoryEstimate(mode="sequential" if (sequential and layers is not None) else "whole-model")
+    for entry in static:
+        try:
+            est.observers += _observer_state_bytes(observer_settings(entry, config))
+        except ConfigError:
+            est.observers += _observer_state_bytes({"observer": "entropy"})
+    per_layer_out = 0
+    per_layer_params = 0
+    per_layer_hessian = 0
+    n_layers = 1
+    if layers is not None:
+        name, stack = layers
+        n_layers = len(stack)
+        for index, layer in enumerate(stack):
+            params = sum(t.numel() * t.element_size() for t in layer.parameters())
+            per_layer_params = max(per_layer_params, params)
+            prefix = f"{name}.{index}."
+            outs = sum(e.out_features for e in plan if e.name.startswith(prefix) and e.kind != "embedding")
+            per_layer_out = max(per_layer_out, outs)
+            hess = sum(e.in_features ** 2 * 4 for e in plan if e.name.startswith(prefix) and e.quantized
+                       and e.kind != "embedding")
+            per_layer_hessian = max(per_layer_hessian, hess)
+    activations = tokens * dsize * (per_layer_out + 4 * hidden) + batch * heads * seq_len * seq_len * 4
+    if est.mode == "sequential":
+        est.hidden_states = num_samples * seq_len * hidden * dsize
+        est.batch_activations = activations + 2 * batch * seq_len * seq_len * 4  # + recorded attention masks
+    else:
+        est.batch_activations = activations * n_layers
+    algorithms = config.smoothquant is not None or config.gptq is not None
+    if algorithms:
+        est.layer_params = per_layer_params
+        extra = sum(e.in_features * 4 for e in plan if e.kind != "embedding")
+        if config.gptq is not None:
+            extra += per_layer_hessian
+            extra += sum(e.in_features * e.out_features * 4 for e in plan if e.quantized and e.kind != "embedding")
+        est.algorithms = extra
+    return est
+
+
+# ------------------------------------------------------------------------------------------------
+# The engine
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    """Observer state of one static module."""
+
+    entry: ModuleSpec
+    settings: Dict[str, Any]
+    observer: Observer
+
+
+class _Engine:
+    def __init__(self, model: nn.Module, plan: Plan, config: HfPtqConfig, batches: torch.Tensor, progress: bool,
+                 extra_stats_hooks: Sequence[StatsHook]) -> None:
+        self.model = model
+        self.plan = plan
+        self.config = config
+        self.batches = batches
+        self.progress = progress
+        self.extra_stats_hooks = list(extra_stats_hooks)
+        calib = config.calibration or {}
+        self.batch_size = int(calib.get("batch_size") or 8)
+        self.num_samples, self.seq_len = 0, 0
+        self.slices: List[Tuple[int, int]] = []
+        self.sequential = bool(calib.get("sequential", True))
+        self.input_device = _input_device(model)
+        self.batch_index = 0
+        self.bar: Optional[tqdm] = None
+        self.smoothquant = None
+        self.gptq = None
+        self.info_sq: Dict[str, Any] = {}
+        self.info_gptq: Dict[str, Any] = {}
+        self.weights: Dict[str, torch.Tensor] = {}
+        self.weight_qparams: Dict[str, tuple] = {}
+        self.pending: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (model tensor, new value)
+        self.smoothed: Dict[str, nn.Module] = {}  # planned linears whose weight SmoothQuant changed
+
+    # -------------------------------------------------------------------- validation
+    def validate(self) -> None:
+        b = self.batches
+        if not isinstance(b, torch.Tensor):
+            raise CalibrationError(f"Calibration batches must be a LongTensor [num_samples, seq_len] (got {type(b).__name__}).")
+        if b.dim() != 2 or b.numel() == 0:
+            raise CalibrationError(
+                f"Calibration batches must be a non-empty [num_samples, seq_len] tensor of token ids (got shape "
+                f"{tuple(b.shape)}); build them with hfptq.data.calibration_batches(spec, tokenizer)."
+            )
+        if b.is_floating_point() or b.is_complex() or b.dtype == torch.bool:
+            raise CalibrationError(f"Calibration batches must hold integer token ids (got dtype {b.dtype}).")
+        emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        vocab = getattr(emb, "num_embeddings", None)
+        low, high = int(b.min()), int(b.max())
+        if low < 0 or (vocab is not None and high >= vocab):
+            raise CalibrationError(
+                f"Calibration token ids span [{low}, {high}] but the model's vocabulary has {vocab} entries; the "
+                "tokenizer does not match the model (set calibration.tokenizer to the model's own tokenizer)."
+            )
+        if self.batch_size <= 0:
+            raise ConfigError(f"calibration.batch_size must be a positive integer (got {self.batch_size}).")
+        self.num_samples, self.seq_len = int(b.shape[0]), int(b.shape[1])
+        self.slices = [(s, min(s + self.batch_size, self.num_samples)) for s in range(0, self.num_samples, self.batch_size)]
+
+        self.slots: Dict[str, _Slot] = {}
+        for entry in self.plan:
+            if not _is_static(entry):
+                continue
+            module = _get(self.model, entry.name)
+            if module is None or not is_quantizable_linear(module):
+                raise CalibrationError(
+                    f"The plan names {entry.name!r} ({entry.module_class}) but the model has no float Linear there; "
+                    "was the model already quantized? Calibrate the float model."
+                )
+            settings = observer_settings(entry, self.config)
+            if settings["granularity"] != "tensor":
+                raise ConfigError(
+                    f"{entry.source}: static activations of {entry.name!r} use granularity="
+                    f"{settings['granularity']!r}; the quantized Linear stores one frozen input scale per tensor. "
+                    "Use activations granularity='tensor' (or mode='dynamic' for per-token scales)."
+                )
+            self.slots[entry.name] = _Slot(entry, settings, _build_observer(entry, settings))
+
+        self.gptq_names = [e.name for e in self.plan if e.quantized and e.kind != "embedding"] if self.config.gptq is not None else []
+        if self.config.smoothquant is not None:
+            self.smoothquant = _load_algorithm("smoothquant", "smooth_layer")
+        if self.config.gptq is not None:
+            self.gptq = _load_algorithm("gptq", "gptq_quantize")
+            for name in self.gptq_names:
+                module = _get(self.model, name)
+                if module is None or not is_quantizable_linear(module):
+                    raise CalibrationError(f"GPTQ: the plan names {name!r} but the model has no float Linear there.")
+        self.algorithms = self.smoothquant is not None or self.gptq is not None
+
+        self.layers = find_decoder_layers(self.model) if self.sequential else None
+        if self.layers is None and self.algorithms:
+            raise ConfigError(
+                "SmoothQuant/GPTQ calibrate one decoder layer at a time, but "
+                + ("calibration.sequential=False." if not self.sequential else
+                   f"no decoder-layer stack was found in {type(self.model).__name__}.")
+                + " Set calibration.sequential=True (and use a model with a layer stack) or disable smoothquant/gptq."
+            )
+        if not self.slots and not self.gptq_names and not self.smoothquant and not self.extra_stats_hooks:
+            logger.info("hfptq calibration: no module needs calibration statistics; nothing to do.")
+
+    # -------------------------------------------------------------------- helpers
+    def _ids(self, start: int, end: int) -> torch.Tensor:
+        return self.batches[start:end].to(device=self.input_device, dtype=torch.long)
+
+    def _run_model(self, ids: torch.Tensor) -> None:
+        kwargs: Dict[str, Any] = {"input_ids": ids}
+        if _forward_accepts(self.model, "use_cache"):
+            kwargs["use_cache"] = False
+        try:
+            self.model(**kwargs)
+        except _StopForward:
+            pass
+
+    def _feed(self, name: str, x: torch.Tensor, consumers: Sequence[StatsHook], slot: Optional[_Slot]) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise CalibrationError(f"{name!r} was called without a tensor input ({type(x).__name__}); cannot observe it.")
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        if slot is not None:
+            try:
+                slot.observer.observe(x2)
+            except CalibrationError as exc:
+                start, end = self.slices[self.batch_index]
+                if bool(torch.isfinite(x2).all()):
+                    raise CalibrationError(
+                        f"Observer of {name!r} failed in calibration batch {self.batch_index}: {exc}"
+                    ) from exc
+                raise CalibrationError(
+                    f"Non-finite activation (NaN/Inf) at the input of {name!r} in calibration batch "
+                    f"{self.batch_index} (samples {start}-{end - 1}): {exc}. Likely causes: float16 overflow (load the "
+                    "model in float32 or bfloat16) or NaN/Inf in the model's weights. Nothing was applied to the model."
+                ) from exc
+        for hook in consumers:
+            hook(name, x2, self.batch_index)
+
+    @contextmanager
+    def _hooks(self, modules: Mapping[str, nn.Module], consumers: Sequence[StatsHook], observe: bool,
+               stop_after: Optional[nn.Module] = None) -> Iterator[None]:
+        """Forward pre-hooks feeding ``consumers`` (and the observers when ``observe``)."""
+        handles = []
+        stops = False
+        try:
+            for name, module in modules.items():
+                slot = self.slots.get(name) if observe else None
+                if slot is None and not consumers:
+                    continue
+                stops = stops or module is stop_after
+
+                def hook(mod, args, kwargs, _name=name, _slot=slot):
+                    x = args[0] if args else next(iter(kwargs.values()))
+                    self._feed(_name, x, consumers, _slot)
+                    if mod is stop_after:
+                        raise _StopForward
+
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            if stop_after is not None and not stops:
+                def stop(mod, args, kwargs):
+                    raise _StopForward
+
+                handles.append(stop_after.register_forward_pre_hook(stop, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _tick(self, desc: Optional[str] = None) -> None:
+        if self.bar is not None:
+            if desc is not None:
+                self.bar.set_description(desc, refresh=False)
+            self.bar.update(1)
+
+    def _announce(self, message: str) -> None:
+        logger.info(message)
+        if self.progress:
+            tqdm.write(message)
+
+    # -------------------------------------------------------------------- sequential: capture
+    def _probe(self, ids: torch.Tensor, size: int, real: bool) -> Optional[Tuple[torch.Tensor, dict, dict, list]]:
+        """Run one batch recording every layer's call: ``(layer-0 input, calls, output templates, order)``.
+
+        ``real=False`` swaps the layers for recording pass-through stubs (costs only the embedding);
+        ``real=True`` runs the real layers with hooks (needed when a layer's output is not a plain
+        tensor). Returns None when the layers do not form a simple chain.
+        """
+        name, layers = self.layers
+        n = len(layers)
+        calls: Dict[int, Tuple[tuple, dict]] = {}
+        templates: Dict[int, Any] = {}
+        order: List[int] = []
+        state: Dict[str, Any] = {"first": None, "last_out": None, "chain": True}
+
+        def record(index: int, hidden: Any, rest: tuple, kw: dict, passthrough: bool = False) -> None:
+            if not isinstance(hidden, torch.Tensor):
+                state["chain"] = False
+                raise _StopForward
+            order.append(index)
+            if state["first"] is None:
+                state["first"] = hidden
+            elif state["last_out"] is not None and not (
+                hidden is state["last_out"]
+                or (hidden.shape == state["last_out"].shape and torch.equal(hidden, state["last_out"]))
+            ):
+                state["chain"] = False
+            # a pass-through stub returns its input: the next layer must receive that very tensor
+            state["last_out"] = hidden if passthrough else None
+            calls[index] = _sanitize_call(rest, kw)
+
+        def pre(index: int):
+            def hook(module, args, kwargs):
+                hidden, rest, kw = _split_hidden(args, kwargs)
+                record(index, hidden, rest, kw)
+            return hook
+
+        def post(index: int):
+            def hook(module, args, kwargs, output):
+                templates[index] = _strip_template(output)
+                state["last_out"] = _hidden_of(output)
+                if index == n - 1:
+                    raise _StopForward
+            return hook
+
+        def stop(module, args, kwargs):
+            raise _StopForward
+
+        handles = []
+        originals = {i: layers[i] for i in range(n)}
+        try:
+            if real:
+                for index in range(n):
+                    handles.append(layers[index].register_forward_pre_hook(pre(index), with_kwargs=True))
+                    handles.append(layers[index].register_forward_hook(post(index), with_kwargs=True))
+            else:
+                for index in range(n):
+                    stub = _PassThrough(torch.empty(0), originals[index])
+                    stub.recorder = (lambda h, r, k, _i=index: record(_i, h, r, k, passthrough=True))
+                    layers[index] = stub
+            # never compute logits, even when the loop skips the last layers of the list
+            out_emb = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+            if out_emb is not None:
+                handles.append(out_emb.register_forward_pre_hook(stop, with_kwargs=True))
+            try:
+                self._run_model(ids)
+            except CalibrationError:
+                raise
+            except Exception as exc:  # a stub broke the model's loop: retry with the real layers
+                if real:
+                    raise
+                logger.debug("hfptq calibration: pass-through probe failed (%s); probing with the real layers", exc)
+                return None
+        finally:
+            for handle in handles:
+                handle.remove()
+            for i, module in originals.items():
+                layers[i] = module
+        first = state["first"]
+        if first is None or not state["chain"] or not order or order[0] != 0 or order != sorted(set(order)):
+            return None  # layers called out of order, twice (shared weights), not at all, or not chained
+        if not real:
+            templates = {i: torch.empty(0) for i in order}
+        return first, calls, templates, order
+
+    def _capture(self) -> bool:
+        """Fill the hidden-state cache and record each layer's call per batch size.
+
+        Returns False when the layer stack is not a simple chain (fall back to whole-model mode).
+        """
+        name, layers = self.layers
+        self.calls: Dict[int, Dict[int, Tuple[tuple, dict]]] = {}
+        self.templates: Dict[int, Dict[int, Any]] = {}
+        self.order: Optional[List[int]] = None
+        self.cache: Optional[torch.Tensor] = None
+        real_probe = False
+        for b, (start, end) in enumerate(self.slices):
+            self.batch_index = b
+            size = end - start
+            ids = self._ids(start, end)
+            if size not in self.calls:
+                probed = None if real_probe else self._probe(ids, size, real=False)
+                if probed is None:
+                    real_probe = True
+                    probed = self._probe(ids, size, real=True)
+                if probed is None:
+                    return False
+                first, calls, templates, order = probed
+                if self.order is None:
+                    self.order = order
+                elif order != self.order:
+                    return False
+                self.calls[size] = calls
+                self.templates[size] = templates
+            else:
+                captured: Dict[str, Any] = {}
+
+                def capture(module, args, kwargs):
+                    captured["hidden"] = _split_hidden(args, kwargs)[0]
+                    raise _StopForward
+
+                handle = layers[self.order[0]].register_forward_pre_hook(capture, with_kwargs=True)
+                try:
+                    self._run_model(ids)
+                finally:
+                    handle.remove()
+                first = captured.get("hidden")
+                if not isinstance(first, torch.Tensor):
+                    return False
+            if first.dim() < 2 or first.shape[0] != size:
+                return False
+            if self.cache is None:
+                self.cache = torch.empty((self.num_samples,) + tuple(first.shape[1:]), dtype=first.dtype, device="cpu")
+            elif tuple(first.shape[1:]) != tuple(self.cache.shape[1:]):
+                return False
+            if not bool(torch.isfinite(first).all()):
+                raise CalibrationError(
+                    f"The input of {name}.0 (the embedding output) holds NaN/Inf in calibration batch {b} (samples "
+                    f"{start}-{end - 1}); check the model's embedding weights. Nothing was applied to the model."
+                )
+            self.cache[start:end].copy_(first)
+            self._tick("hfptq: calibration inputs")
+        return True
+
+    # -------------------------------------------------------------------- sequential: layers
+    def _layer_pass(self, index: int, layer: nn.Module, write: bool, desc: str) -> None:
+        name, _ = self.layers
+        device = _module_device(layer, self.input_device)
+        for b, (start, end) in enumerate(self.slices):
+            self.batch_index = b
+            rest, kwargs = self.calls[end - start][index]
+            hidden = self.cache[start:end].to(device)
+            out = _hidden_of(layer(hidden, *rest, **kwargs))
+            if not bool(torch.isfinite(out).all()):
+                raise CalibrationError(
+                    f"Decoder layer {name}.{index} produced NaN/Inf in calibration batch {b} (samples {start}-{end - 1}). "
+                    "Likely causes: float16 overflow (load the model in float32 or bfloat16) or NaN/Inf in the layer's "
+                    "weights. Nothing was applied to the model."
+                )
+            if write:
+                if out.shape != hidden.shape:
+                    raise CalibrationError(
+                        f"Decoder layer {name}.{index} changes the hidden-state shape ({tuple(hidden.shape)} -> "
+                        f"{tuple(out.shape)}); calibrate this architecture with calibration.sequential=False."
+                    )
+                self.cache[start:end].copy_(out)
+            self._tick(desc)
+
+    def _run_layers(self) -> None:
+        name, layers = self.layers
+        linear_entries = [e for e in self.plan if e.kind != "embedding" and e.precision != "skip"]
+        total = len(self.order)
+        for position, index in enumerate(self.order):
+            if position > self.last_needed:
+                break  # later layers feed no observer, algorithm or tail module
+            layer = layers[index]
+            prefix = f"{name}.{index}."
+            desc = f"hfptq: calibrating layer {position + 1}/{total}"
+            entries = [e for e in linear_entries if e.name.startswith(prefix)]
+            if self.algorithms:
+                with torch.no_grad():
+                    work = copy.deepcopy(layer)
+            else:
+                work = layer
+            modules = {e.name: work.get_submodule(e.name[len(prefix):]) for e in entries}
+            all_linears = {f"{prefix}{rel}": m for rel, m in work.named_modules() if rel and is_quantizable_linear(m)}
+            if self.smoothquant is not None:
+                absmax = ChannelAbsMax()
+                stats_hooks: List[StatsHook] = [absmax]
+                sampler = None
+                if dict(self.config.smoothquant).get("alpha") == "search":
+                    # the alpha search scores each candidate on a sample of the layer's real input rows
+                    from .algorithms import validate_options
+                    from .algorithms.smoothquant import InputSampler
+
+                    sampler = InputSampler(validate_options("smoothquant", self.config.smoothquant)["search_tokens"])
+                    stats_hooks.append(sampler)
+                with torch.inference_mode(), self._hooks(all_linears, stats_hooks, observe=False):
+                    self._layer_pass(index, work, write=False, desc=desc)
+                with torch.no_grad():
+                    stats = {k: v.clone() for k, v in absmax.values.items()}
+                    info = self.smoothquant(work, f"{name}.{index}", self.plan, stats, dict(self.config.smoothquant),
+                                            getattr(self.model, "config", None),
+                                            inputs=None if sampler is None else sampler.samples())
+                self.info_sq[f"{name}.{index}"] = info
+            consumers: List[StatsHook] = list(self.extra_stats_hooks)
+            hessians = None
+            gptq_here = [n for n in self.gptq_names if n.startswith(prefix)]
+            if gptq_here:
+                hessians = HessianAccumulator(gptq_here)
+                consumers.append(hessians)
+            with torch.inference_mode(), self._hooks(modules, consumers, observe=True):
+                self._layer_pass(index, work, write=not gptq_here, desc=desc)
+            if gptq_here:
+                for module_name in gptq_here:
+                    self._gptq_module(module_name, modules[module_name], hessians)
+                del hessians
+                with torch.inference_mode():
+                    self._layer_pass(index, work, write=True, desc=desc)
+            if self.algorithms:
+                self._record_changes(layer, work, prefix)
+                del work
+
+    def _gptq_module(self, name: str, module: nn.Module, hessians: HessianAccumulator) -> None:
+        entry = self.plan[name]
+        with torch.no_grad():
+            hessian = hessians.hessian(name).clone()
+            weight = _weight_out_in(module).detach().float().clone()
+            out = self.gptq(weight, hessian, dict(entry.weights), **dict(self.config.gptq))
+            new = out.weight.detach()
+            if tuple(new.shape) != tuple(weight.shape):
+                raise CalibrationError(f"GPTQ returned a weight of shape {tuple(new.shape)} for {name!r} "
+                                       f"(expected {tuple(weight.shape)}).")
+            target = module.weight
+            target.copy_((new.t() if type(module).__name__ == "Conv1D" else new).to(target.dtype))
+        self.weights[name] = new
+        self.weight_qparams[name] = (out.scale, out.zero_point)
+        self.info_gptq[name] = getattr(out, "info", None)
+
+    def _record_changes(self, layer: nn.Module, work: nn.Module, prefix: str) -> None:
+        """Remember the tensors SmoothQuant/GPTQ changed in ``work``; written to ``layer`` after success.
+
+        GPTQ weights are not written back (``result.weights`` carries them, in float32, to the
+        conversion); everything else that changed (smoothed norms and linears) is.
+        """
+        original = dict(layer.named_parameters())
+        original.update(dict(layer.named_buffers()))
+        changed = dict(work.named_parameters())
+        changed.update(dict(work.named_buffers()))
+        gptq_weights = {f"{n[len(prefix):]}.weight" for n in self.weights if n.startswith(prefix)}
+        with torch.no_grad():
+            for rel, new in changed.items():
+                old = original.get(rel)
+                if old is None or old.shape != new.shape or rel in gptq_weights:
+                    continue
+                if not torch.equal(old, new):
+                    self.pending.append((old, new.detach()))
+                    module_rel = rel.rpartition(".")[0]
+                    full = f"{prefix}{module_rel}"
+                    entry = self.plan.get(full)
+                    if rel.endswith(".weight") and entry is not None and entry.precision != "skip" \
+                            and entry.kind != "embedding":
+                        self.smoothed[full] = layer.get_submodule(module_rel)
+
+    # -------------------------------------------------------------------- sequential: tail
+    def _tail_modules(self) -> Tuple[Dict[str, _Slot], List[str], Dict[str, nn.Module]]:
+        """Planned modules outside the layer stack: static ones, GPTQ ones, and all (for extra hooks)."""
+        inside = f"{self.layers[0]}."
+        slots = {n: s for n, s in self.slots.items() if not n.startswith(inside)}
+        gptq_tail = [n for n in self.gptq_names if not n.startswith(inside)]
+        extra_tail: Dict[str, nn.Module] = {}
+        if self.extra_stats_hooks:
+            extra_tail = {e.name: self.model.get_submodule(e.name) for e in self.plan
+                          if e.kind != "embedding" and e.precision != "skip" and not e.name.startswith(inside)}
+        return slots, gptq_tail, extra_tail
+
+    def _plan_work(self) -> None:
+        """Which layers must run (``last_needed``) and whether the tail pass is needed."""
+        slots, gptq_tail, extra_tail = self._tail_modules()
+        self.tail_needed = bool(slots or gptq_tail or extra_tail)
+        name, _ = self.layers
+        self.last_needed = len(self.order) - 1
+        if self.tail_needed or self.smoothquant is not None or self.extra_stats_hooks:
+            return
+        busy = list(self.slots) + list(self.gptq_names)
+        self.last_needed = -1
+        for position, index in enumerate(self.order):
+            prefix = f"{name}.{index}."
+            if any(n.startswith(prefix) for n in busy):
+                self.last_needed = position
+
+    def _run_tail(self) -> None:
+        name, layers = self.layers
+        slots, gptq_tail, extra_tail = self._tail_modules()
+        if not self.tail_needed:
+            return
+        modules = {n: self.model.get_submodule(n) for n in list(slots) + gptq_tail}
+        modules.update(extra_tail)
+        consumers: List[StatsHook] = list(self.extra_stats_hooks)
+        hessians = None
+        if gptq_tail:
+            hessians = HessianAccumulator(gptq_tail)
+            consumers.append(hessians)
+        out_emb = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        originals = {i: layers[i] for i in self.order}
+        last = self.order[-1]
+        try:
+            for b, (start, end) in enumerate(self.slices):
+                self.batch_index = b
+                templates = self.templates[end - start]
+                stubs = {i: _PassThrough(templates[i], originals[i]) for i in self.order}
+                stubs[last].inject = self.cache[start:end].to(_module_device(originals[last], self.input_device))
+                for i, stub in stubs.items():
+                    layers[i] = stub
+                try:
+                    with torch.inference_mode(), self._hooks(modules, consumers, observe=True, stop_after=out_emb):
+                        self._run_model(self._ids(start, end))
+                finally:
+                    for i, module in originals.items():
+                        layers[i] = module
+                self._tick("hfptq: calibrating outside the layers")
+        finally:
+            for i, module in originals.items():
+                layers[i] = module
+        for module_name in gptq_tail:
+            self._gptq_tail_module(module_name, modules[module_name], hessians)
+
+    def _gptq_tail_module(self, name: str, module: nn.Module, hessians: HessianAccumulator) -> None:
+        entry = self.plan[name]
+        with torch.no_grad():
+            weight = _weight_out_in(module).detach().float().clone()
+            out = self.gptq(weight, hessians.hessian(name).clone(), dict(entry.weights), **dict(self.config.gptq))
+        self.weights[name] = out.weight.detach()
+        self.weight_qparams[name] = (out.scale, out.zero_point)
+        self.info_gptq[name] = getattr(out, "info", None)
+
+    # -------------------------------------------------------------------- whole-model fallback
+    def _run_whole_model(self) -> None:
+        modules = {n: self.model.get_submodule(n) for n in self.slots}
+        if self.extra_stats_hooks:
+            modules.update({e.name: self.model.get_submodule(e.name) for e in self.plan
+                            if e.kind != "embedding" and e.precision != "skip"})
+        out_emb = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        with torch.inference_mode(), self._hooks(modules, list(self.extra_stats_hooks), observe=True, stop_after=out_emb):
+            for b, (start, end) in enumerate(self.slices):
+                self.batch_index = b
+                self._run_model(self._ids(start, end))
+                self._tick("hfptq: calibrating (whole model)")
+
+    # -------------------------------------------------------------------- driver
+    def run(self) -> CalibrationResult:
+        started = time.perf_counter()
+        rss_before = _read_status_bytes("VmRSS")
+        self.validate()
+        estimate = estimate_calibration_memory(self.model, self.plan, self.config, self.num_samples, self.seq_len,
+                                               layers=self.layers, sequential=self.layers is not None)
+        n_batches = len(self.slices)
+        passes = 1 + (self.smoothquant is not None) + (self.gptq is not None)
+        observers = sorted({s.settings["observer"] for s in self.slots.values()})
+        self._announce(
+            f"hfptq calibration: {self.num_samples} samples x {self.seq_len} tokens in {n_batches} batches of "
+            f"{self.batch_size}; {len(self.slots)} static modules (observer: {', '.join(observers) or 'none'}); "
+            f"estimated memory {estimate.describe()}"
+        )
+        was_training = self.model.training
+        self.model.eval()
+        mode = estimate.mode
+        try:
+            if self.layers is not None:
+                name, layers = self.layers
+                total = n_batches * (1 + passes * len(layers) + 1)
+                self.bar = tqdm(total=total, desc="hfptq: calibration inputs", disable=not self.progress, leave=False)
+                with torch.inference_mode():
+                    chained = self._capture()
+                if chained:
+                    self._plan_work()
+                    self.bar.total = n_batches * (1 + passes * (self.last_needed + 1) + int(self.tail_needed))
+                    self.bar.refresh()
+                    self._run_layers()
+                    self._run_tail()
+                else:
+                    if self.algorithms:
+                        raise ConfigError(
+                            f"The layers of {name} are not called one after the other on the previous layer's output, so "
+                            "SmoothQuant/GPTQ cannot calibrate them layer by layer; disable smoothquant/gptq."
+                        )
+                    logger.warning("hfptq calibration: %s is not a simple chain of layers; falling back to whole-model "
+                                   "forwards.", name)
+                    mode = "whole-model"
+                    self.cache = None
+                    self.bar.close()
+                    self.bar = tqdm(total=n_batches, desc="hfptq: calibrating (whole model)", disable=not self.progress,
+                                    leave=False)
+                    self._run_whole_model()
+            else:
+                self.bar = tqdm(total=n_batches, desc="hfptq: calibrating (whole model)", disable=not self.progress,
+                                leave=False)
+                self._run_whole_model()
+            input_qparams, ranges = self._finalize()
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            self.cache = None
+            self.calls = {}
+            self.templates = {}
+            self.model.train(was_training)
+        seconds = time.perf_counter() - started
+        peak = _read_status_bytes("VmHWM")
+        schemes = {}
+        for slot in self.slots.values():
+            words = describe_activation_scheme(slot.settings)
+            schemes[words] = schemes.get(words, 0) + 1
+        calib = dict(self.config.calibration or {})
+        dataset = calib.get("dataset")
+        info: Dict[str, Any] = {
+            "dataset": dataset if isinstance(dataset, str) or dataset is None else f"<in-memory {type(dataset).__name__}>",
+            "config": calib.get("config"),
+            "split": calib.get("split"),
+            "num_samples": self.num_samples,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "num_tokens": self.num_samples * self.seq_len,
+            "engine": (f"sequential, layer by layer ({len(self.order)} layers of {self.layers[0]})"
+                       if mode == "sequential" else "whole-model forwards"),
+            "observer": observers[0] if len(observers) == 1 else (observers or None),
+            "activation_scheme": (next(iter(schemes)) if len(schemes) == 1 else
+                                  "; ".join(f"{w} for {c} modules" for w, c in schemes.items()) or None),
+            "seconds": round(seconds, 3),
+            "peak_rss_bytes": peak,
+            "rss_before_bytes": rss_before,
+            "estimated_memory_bytes": estimate.total,
+            "estimated_memory": estimate.to_dict(),
+            "modules": ranges,
+        }
+        if self.smoothquant is not None:
+            info["smoothquant"] = self.info_sq
+        if self.gptq is not None:
+            info["gptq"] = self.info_gptq
+        if self.algorithms:
+            # what each accuracy algorithm bought, for the report (hfptq.algorithms.summarize_algorithms)
+            from .algorithms import summarize_algorithms
+
+            info["algorithms"] = summarize_algorithms(self.info_sq if self.smoothquant is not None else None,
+                                                      self.info_gptq if self.gptq is not None else None, self.config)
+        # Everything succeeded: only now do SmoothQuant's changes reach the model (GPTQ weights travel in the
+        # result); the smoothed planned linears are handed over as the model's own, updated, weights.
+        with torch.no_grad():
+            for target, value in self.pending:
+                target.copy_(value.to(device=target.device, dtype=target.dtype))
+        self.pending = []
+        for full, module in self.smoothed.items():
+            self.weights[full] = _weight_out_in(module).detach()
+        logger.info("hfptq calibration done in %.1f s (peak RSS %s)", seconds, _mib(peak))
+        return CalibrationResult(input_qparams=input_qparams, weights=dict(self.weights),
+                                 weight_qparams=dict(self.weight_qparams), info=info)
+
+    def _finalize(self):
+        missing = [n for n, s in self.slots.items() if s.observer.num_batches == 0]
+        if missing:
+            raise CalibrationError(
+                f"{len(missing)} static module(s) never received an input during calibration (e.g. {missing[0]!r}): "
+                "the model's forward does not call them on token ids. Keep them dynamic or skip them with a rule; "
+                "nothing was applied to the model."
+            )
+        input_qparams: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        ranges: Dict[str, Dict[str, Any]] = {}
+        for name, slot in self.slots.items():
+            with torch.inference_mode():
+                scale, zero_point = slot.observer.compute_qparams()
+                observed = _observed_range(slot.observer)
+            scale = scale.detach().clone().float().reshape(())
+            symmetric = slot.settings["symmetric"]
+            zp = None if symmetric else zero_point.detach().clone().to(torch.int32).reshape(())
+            input_qparams[name] = (scale, zp)
+            qmin, qmax = qrange(slot.settings["bits"], symmetric)
+            z = 0 if zp is None else int(zp)
+            ranges[name] = {
+                "observer": slot.settings["observer"],
+                "scheme": describe_activation_scheme(slot.settings),
+                "scale": float(scale),
+                "zero_point": None if zp is None else int(zp),
+                "range": [float((qmin - z) * scale), float((qmax - z) * scale)],
+                "observed_range": observed,
+            }
+        return input_qparams, ranges
+
+
+def _strip_template(output: Any) -> Any:
+    """Keep only the structure of a layer output (no reference to its hidden states)."""
+    if isinstance(output, torch.Tensor):
+        return torch.empty(0)
+    if isinstance(output, tuple):
+        return (torch.empty(0),) + tuple(output[1:])
+    if isinstance(output, list):
+        return [torch.empty(0)] + list(output[1:])
+    return output
+
+
+def _weight_out_in_tensor(weight: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    return weight.t() if type(module).__name__ == "Conv1D" else weight
+
+
+def _observed_range(observer: Observer) -> Optional[List[float]]:
+    lo, hi = getattr(observer, "min_val", None), getattr(observer, "max_val", None)
+    if isinstance(lo, torch.Tensor) and isinstance(hi, torch.Tensor) and lo.numel() == 1 and hi.numel() == 1:
+        return [float(lo), float(hi)]
+    return None
+
+
+def _load_algorithm(module_name: str, function: str) -> Callable:
+    """Import ``hfptq.algorithms.<module_name>.<function>`` lazily (only when configured)."""
+    label = {"smoothquant": "SmoothQuant", "gptq": "GPTQ"}[module_name]
+    try:
+        module = importlib.import_module(f"hfptq.algorithms.{module_name}")
+    except ModuleNotFoundError as exc:
+        if exc.name and not exc.name.startswith("hfptq"):
+            raise
+        raise NotImplementedError(
+            f"{label} is configured ({module_name}=...) but hfptq.algorithms.{module_name} is not available in this "
+            f"version of hfptq; remove the {module_name} field from the config."
+        ) from exc
+    fn = getattr(module, function, None)
+    if fn is None:
+        raise NotImplementedError(
+            f"hfptq.algorithms.{module_name} has no {function}(); {label} cannot run in this version of hfptq."
+        )
+    return fn
+
+
+def calibrate(
+    model: nn.Module,
+    plan: Plan,
+    config: HfPtqConfig,
+    batches: torch.LongTensor,
+    *,
+    progress: bool = True,
+    extra_stats_hooks: Sequence[StatsHook] = (),
+) -> CalibrationResult:
+    """Run the calibration tokens through ``model`` and measure static activation ranges.
+
+    Everything (batches, observer names and options, granularities, algorithm availability) is
+    validated before the model runs; the model's weights, modules and hooks are unchanged
+    unless calibration succeeds, and even then only SmoothQuant/GPTQ write to it.
+
+    Args:
+        model: the float model (a Transformers model, or any module with ``get_input_embeddings``
+            whose forward takes ``input_ids``).
+        plan: the resolved plan; modules with ``activations.mode == "static"`` get observers.
+        config: supplies ``calibration`` (``batch_size``, ``observer``, ``sequential``...),
+            ``activations``/rules (observer overrides), ``smoothquant`` and ``gptq``.
+        batches: token ids ``[num_samples, seq_len]`` (see :func:`hfptq.data.calibration_batches`).
+        progress: show tqdm progress bars and print the memory estimate.
+        extra_stats_hooks: callables ``hook(module_name, x, batch_index)`` that receive the 2-D
+            input of every planned linear during the observing pass (e.g. :class:`ChannelAbsMax`).
+
+    Returns:
+        A :class:`CalibrationResult`.
+
+    Raises:
+        CalibrationError: bad batches, NaN/Inf activations (naming the module or layer and the
+            batch), or a static module the forward never reaches.
+        ConfigError: conflicting/invalid observer settings, unsupported granularity.
+        NotImplementedError: SmoothQuant/GPTQ configured but their module is not available.
+
+    Example:
+        >>> cfg = HfPtqConfig(activations="static", calibration=dict(dataset="wikitext", config="wikitext-2-raw-v1",
+        ...                   observer="entropy", num_samples=128, seq_len=512))
+        >>> plan = resolve_plan(model, cfg)                                          # doctest: +SKIP
+        >>> ids = hfptq.data.calibration_batches(cfg.calibration, tokenizer)         # doctest: +SKIP
+        >>> result = calibrate(model, plan, cfg, ids)                                # doctest: +SKIP
+        >>> result.input_qparams["model.layers.0.mlp.down_proj"]                     # doctest: +SKIP
+        (tensor(0.0123), None)
+    """
+    engine = _Engine(model, plan, config, batches, progress, extra_stats_hooks)
+    return engine.run()

@@ -1,0 +1,464 @@
+"""The fast path of the quantized modules computes the reference numbers (``hfptq.quant.kernels``).
+
+Every fast helper is compared with the reference formula of :mod:`hfptq.quant.qparams` (written
+out again here where the module's reference is a method), **bit for bit** (``torch.equal``):
+the fast path promises the same float32 operations in the same order, only in fewer passes and
+with fewer temporaries. The one exception is weight-only tiling, where the BLAS is called per tile
+of output rows; there the test uses the float32 dot-product error bound (two summation orders of
+``K`` products differ by at most ``2 * gamma_K * sum |x_k w_k|``, ``gamma_K = K u / (1 - K u)``)
+so that it does not depend on the BLAS library. No test here measures time.
+"""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from hfptq.quant import kernels
+from hfptq.quant.kernels import (
+    cached_cast,
+    dequant_linear_tiled,
+    fast_cast,
+    fast_path_enabled,
+    int8_matmul,
+    int8_matmul_reference,
+    quantize_fast,
+    quantize_per_token_fast,
+    reference_math,
+    rescale_int32,
+    set_fast_path,
+)
+from hfptq.quant.linear import FloatLinear, QuantLinear
+from hfptq.quant.qparams import SCALE_EPS, dequantize_weight, quantize, quantize_per_token
+
+U_FP32 = 2.0**-24
+ROWS = [1, 7, 64, 513]
+DTYPES = [torch.float32, torch.bfloat16]
+W8 = {"bits": 8, "symmetric": True, "granularity": "channel"}
+W8_TENSOR = {"bits": 8, "symmetric": True, "granularity": "tensor"}
+W8_ASYM = {"bits": 8, "symmetric": False, "granularity": "channel"}
+W4_GROUP = {"bits": 4, "symmetric": True, "granularity": "group", "group_size": 32}
+ACTS = {
+    "dynamic-sym": {"mode": "dynamic"},
+    "dynamic-asym": {"mode": "dynamic", "symmetric": False},
+    "static-sym": {"mode": "static"},
+    "static-asym": {"mode": "static", "symmetric": False},
+}
+STATIC_QPARAMS = {"static-sym": (0.04, None), "static-asym": (0.05, 7)}
+
+
+def _x(*shape, seed=0, dtype=torch.float32, scale=3.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+
+def _linear(in_f=96, out_f=80, bias=True, seed=0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        lin.weight.mul_(torch.linspace(0.2, 3.0, out_f).unsqueeze(1))
+    return lin
+
+
+def _quant(lin: nn.Linear, weights: dict, acts: str) -> QuantLinear:
+    qp = None
+    if acts in STATIC_QPARAMS:
+        s, z = STATIC_QPARAMS[acts]
+        qp = (torch.tensor(s), None if z is None else torch.tensor(z))
+    return QuantLinear.from_float(lin, weights, ACTS[acts], input_qparams=qp)
+
+
+# ------------------------------------------------------------------------------------------------
+# Activation quantization
+# ------------------------------------------------------------------------------------------------
+
+
+def _edge_rows(k: int) -> torch.Tensor:
+    """Rows that stress the scale: zeros, values whose scale hits SCALE_EPS, huge values, ties."""
+    rows = torch.stack([
+        torch.zeros(k),
+        torch.full((k,), 1e-35),                     # amax / 127 < SCALE_EPS: the clamp decides
+        torch.linspace(-3e37, 3e37, k),              # near the float32 top
+        torch.linspace(-127.0, 127.0, k),            # scale exactly 1: many exact .5 ties after division
+        torch.cat([torch.tensor([-5.0]), torch.zeros(k - 1)]),  # amax from a negative value
+    ])
+    rows[3, 1::2] += 0.5
+    return rows
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_quantize_per_token_fast_is_bit_identical(rows, dtype, symmetric):
+    x = _x(rows, 200, seed=rows, dtype=dtype)
+    ref = quantize_per_token(x, 8, symmetric)
+    fast = quantize_per_token_fast(x, 8, symmetric)
+    assert torch.equal(fast[0], ref[0]) and fast[0].dtype == torch.int8
+    assert torch.equal(fast[1], ref[1]) and fast[1].dtype == torch.float32
+    assert (fast[2] is None) == (ref[2] is None)
+    if ref[2] is not None:
+        assert torch.equal(fast[2], ref[2])
+    assert torch.equal(x, _x(rows, 200, seed=rows, dtype=dtype))  # the input is not modified
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_quantize_per_token_fast_edge_rows(symmetric):
+    x = _edge_rows(64)
+    ref = quantize_per_token(x, 8, symmetric)
+    fast = quantize_per_token_fast(x, 8, symmetric)
+    for a, b in zip(fast, ref):
+        assert (a is None and b is None) or torch.equal(a, b)
+    if symmetric:
+        assert fast[1][1].item() == SCALE_EPS
+        # the skipped clamp is a no-op: every value already lies in the restricted range
+        assert fast[0].abs().max().item() <= 127
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_fast_static_is_bit_identical(symmetric, dtype):
+    x = _x(33, 50, dtype=dtype, scale=6.0)  # saturates: clamping matters here
+    scale = torch.tensor(0.03)
+    zp = None if symmetric else torch.tensor(-11, dtype=torch.int32)
+    assert torch.equal(quantize_fast(x, scale, zp, 8, symmetric), quantize(x, scale, zp, 8, symmetric))
+    assert torch.equal(x, _x(33, 50, dtype=dtype, scale=6.0))
+
+
+# ------------------------------------------------------------------------------------------------
+# Rescale
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_token", [True, False], ids=["per-token", "per-tensor"])
+@pytest.mark.parametrize("bias", [None, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rescale_int32_is_bit_identical(per_token, bias, out_dtype):
+    gen = torch.Generator().manual_seed(3)
+    acc = torch.randint(-2**27, 2**27, (65, 40), generator=gen, dtype=torch.int32)
+    xs = torch.rand(65, 1, generator=gen) * 1e-2 if per_token else torch.tensor(0.013)
+    ws = torch.rand(1, 40, generator=gen) * 1e-3
+    b = None if bias is None else torch.randn(40, generator=gen).to(bias)
+    ref = acc.to(torch.float32) * xs * ws
+    if b is not None:
+        ref = ref + b.to(torch.float32)
+    out = rescale_int32(acc.clone(), xs, ws, b, out_dtype)
+    assert out.dtype == out_dtype
+    assert torch.equal(out, ref.to(out_dtype))
+
+
+def test_rescale_int32_non_contiguous_accumulator():
+    acc = torch.randint(-1000, 1000, (8, 20), dtype=torch.int32)[:, ::2]
+    xs, ws = torch.rand(8, 1), torch.rand(1, 10)
+    assert torch.equal(rescale_int32(acc, xs, ws, None, torch.float32), acc.to(torch.float32) * xs * ws)
+
+
+# ------------------------------------------------------------------------------------------------
+# QuantLinear: fast == reference, module level
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("acts", list(ACTS))
+@pytest.mark.parametrize("weights", [W8, W8_TENSOR, W8_ASYM], ids=["w-channel", "w-tensor", "w-asym"])
+def test_quant_linear_w8a8_fast_equals_reference(rows, dtype, acts, weights):
+    q = _quant(_linear(), weights, acts)
+    x = _x(rows, 96, seed=rows, dtype=dtype)
+    with torch.no_grad():
+        fast = q(x)
+        with reference_math():
+            ref = q(x)
+    assert fast.dtype == ref.dtype == dtype and fast.shape == (rows, 80)
+    assert torch.equal(fast, ref)
+
+
+def test_quant_linear_3d_input_and_no_bias():
+    q = _quant(_linear(bias=False), W8, "dynamic-sym")
+    x = _x(2, 5, 96)
+    with torch.no_grad():
+        fast = q(x)
+        with reference_math():
+            ref = q(x)
+    assert fast.shape == (2, 5, 80) and torch.equal(fast, ref)
+
+
+@pytest.mark.parametrize("weights", [W8_ASYM], ids=["w-asym"])
+@pytest.mark.parametrize("acts", ["dynamic-sym", "dynamic-asym", "static-asym"])
+def test_asymmetric_weights_match_the_dequantized_math(weights, acts):
+    """``x_q @ (W_q - z_w)^T`` in integers equals the float math of the dequantized operands.
+
+    Both sides are float32 evaluations of the same exact sum of ``K`` products; their distance is
+    bounded by ``2 * (gamma_K + 3u) * sum_k |x_k| |w_k|`` over the dequantized operands.
+    """
+    q = _quant(_linear(), weights, acts)
+    x = _x(9, 96)
+    with torch.no_grad():
+        y = q(x).double()
+        x2 = x.reshape(-1, 96)
+        if q.act_mode == "dynamic":
+            xq, xs, xz = quantize_per_token(x2, 8, q.act_symmetric)
+        else:
+            xs, xz = q.input_scale, q.input_zero_point
+            xq = quantize(x2, xs, xz, 8, q.act_symmetric)
+        xd = (xq.double() - (0 if xz is None else xz.double())) * xs.double()
+        wd = q.dequantized_weight(torch.float64)
+        exact = xd @ wd.T + q.bias.double()
+        mag = xd.abs() @ wd.abs().T + q.bias.double().abs()
+    k = 96
+    gamma = k * U_FP32 / (1 - k * U_FP32)
+    assert ((y - exact).abs() <= 2 * (gamma + 3 * U_FP32) * mag).all()
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_weight_rowsum_follows_in_place_weight_updates(rows):
+    """The cached ``rowsum(W)`` of asymmetric activations is rebuilt after ``qweight.copy_``."""
+    a, b = _linear(seed=0), _linear(seed=1)
+    qa, qb = _quant(a, W8, "static-asym"), _quant(b, W8, "static-asym")
+    x = _x(rows, 96)
+    with torch.no_grad():
+        qa(x)  # builds the cache for a's weight
+        qa.qweight.copy_(qb.qweight)
+        qa.weight_scale.copy_(qb.weight_scale)
+        qa.bias.copy_(qb.bias)
+        assert torch.equal(qa(x), qb(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# Weight-only: tiles of rows
+# ------------------------------------------------------------------------------------------------
+
+
+def _bound(x: torch.Tensor, w: torch.Tensor, bias, out_dtype: torch.dtype, ref: torch.Tensor) -> torch.Tensor:
+    k = x.shape[-1]
+    gamma = k * U_FP32 / (1 - k * U_FP32)
+    mag = x.double().abs() @ w.double().abs().T
+    if bias is not None:
+        mag = mag + bias.double().abs()
+    bound = 2 * gamma * mag
+    if out_dtype != torch.float32:
+        # both float32 sums are then rounded to the output dtype: half an ulp each, eps * |ref| together
+        eps = torch.finfo(out_dtype).eps
+        bound = (bound + eps * ref.double().abs()) * (1 + eps) + torch.finfo(out_dtype).tiny
+    return bound
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weights", [W8, W8_ASYM, W4_GROUP], ids=["int8-channel", "int8-asym", "int4-group"])
+def test_dequant_linear_tiled_matches_reference(rows, dtype, weights):
+    lin = _linear(in_f=128, out_f=200)
+    q = QuantLinear.from_float(lin, weights, {"mode": "none"})
+    x = _x(rows, 128, seed=rows).to(dtype)
+    bias = q.bias.to(dtype)
+    w = q.dequantized_weight(dtype)
+    ref = torch.nn.functional.linear(x, w, bias)
+    # one tile: the very same call as the reference
+    whole = dequant_linear_tiled(x, q.qweight, q.weight_scale, q.weight_zero_point, bias, dtype,
+                                 bits=q.weight_bits, tile_bytes=1 << 30)
+    assert torch.equal(whole, ref)
+    # 16-row tiles (13 of them, the last one partial): each element within the reduction-order bound
+    tiled = dequant_linear_tiled(x, q.qweight, q.weight_scale, q.weight_zero_point, bias, dtype,
+                                 bits=q.weight_bits, tile_bytes=16 * 128 * 4)
+    assert tiled.shape == ref.shape and tiled.dtype == dtype
+    assert ((tiled.double() - ref.double()).abs() <= _bound(x, w, bias, dtype, ref)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_weight_only_module_fast_matches_reference(dtype):
+    lin = _linear(in_f=64, out_f=5000)  # 5000 rows x 64: several tiles
+    q = QuantLinear.from_float(lin, W8, {"mode": "none"})
+    x = _x(3, 64).to(dtype)
+    with torch.no_grad():
+        fast = q(x)
+        with reference_math():
+            ref = q(x)
+    assert fast.dtype == ref.dtype == dtype
+    cd = torch.bfloat16 if dtype == torch.float16 else dtype  # "auto" on CPU: fp16 inputs compute in bf16
+    w = q.dequantized_weight(cd)
+    bound = _bound(x.to(cd), w, q.bias.to(cd), cd, ref)
+    if dtype == torch.float16:
+        bound = bound + 2.0 ** -10 * ref.double().abs()  # and rounded to float16 at the end
+    assert ((fast.double() - ref.double()).abs() <= bound).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# FloatLinear: cached compute-dtype weight
+# ------------------------------------------------------------------------------------------------
+
+
+def test_fast_cast_fp16_to_bf16_is_exact_for_every_fp16_value():
+    h = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    direct, fast = h.to(torch.bfloat16), fast_cast(h, torch.bfloat16)
+    nan = torch.isnan(h)
+    assert torch.equal(direct[~nan].view(torch.int16), fast[~nan].view(torch.int16))
+    assert torch.isnan(fast[nan]).all()
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_float_linear_cached_equals_reference(rows, dtype, bias):
+    f = FloatLinear.from_float(_linear(bias=bias), torch.float16)
+    x = _x(rows, 96, dtype=dtype)
+    with torch.no_grad():
+        first, second = f(x), f(x)
+        with reference_math():
+            ref = f(x)
+    assert torch.equal(first, ref) and torch.equal(second, ref)
+    assert "_hfptq_weight_cache" in f.__dict__  # cached on CPU (bfloat16 compute != float16 storage)
+
+
+def test_float_linear_without_cache_equals_reference(monkeypatch):
+    f = FloatLinear.from_float(_linear(), torch.float16)
+    monkeypatch.setattr(f, "cache_compute_weight", False)
+    x = _x(4, 96)
+    with torch.no_grad():
+        y = f(x)
+        with reference_math():
+            ref = f(x)
+    assert torch.equal(y, ref) and "_hfptq_weight_cache" not in f.__dict__
+
+
+def _fresh(lin: nn.Linear) -> FloatLinear:
+    return FloatLinear.from_float(lin, torch.float16)
+
+
+@pytest.mark.parametrize("how", ["copy_", "data", "load_state_dict"])
+def test_float_linear_cache_follows_weight_changes(how):
+    a, b = _linear(seed=0), _linear(seed=1)
+    f, expected = _fresh(a), _fresh(b)
+    x = _x(5, 96)
+    with torch.no_grad():
+        before = f(x)
+        if how == "copy_":
+            f.weight.copy_(expected.weight)
+            f.bias.copy_(expected.bias)
+        elif how == "data":
+            f.weight.data = expected.weight.clone()
+            f.bias.data = expected.bias.clone()
+        else:
+            f.load_state_dict(expected.state_dict())
+        after = f(x)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, expected(x))
+
+
+def test_float_linear_cache_is_not_state_and_is_dropped_on_copy():
+    f = _fresh(_linear())
+    x = _x(2, 96)
+    with torch.no_grad():
+        y = f(x)
+    assert set(f.state_dict()) == {"weight", "bias"}
+    assert all(t.dtype == torch.float16 for t in f.buffers())
+    for clone in (copy.deepcopy(f), pickle.loads(pickle.dumps(f))):
+        assert "_hfptq_weight_cache" not in clone.__dict__
+        with torch.no_grad():
+            assert torch.equal(clone(x), y)
+    f.clear_cache()
+    assert "_hfptq_weight_cache" not in f.__dict__
+
+
+def test_cached_cast_skips_tensors_without_version_counter():
+    owner = nn.Module()
+    with torch.inference_mode():
+        t = torch.randn(4, 4, dtype=torch.float16)
+    out = cached_cast(owner, "_slot", t, torch.bfloat16)
+    assert torch.equal(out, t.to(torch.bfloat16)) and "_slot" not in owner.__dict__
+
+
+# ------------------------------------------------------------------------------------------------
+# Switches and fallbacks
+# ------------------------------------------------------------------------------------------------
+
+
+def test_reference_math_switch_restores_state():
+    assert fast_path_enabled()
+    with reference_math():
+        assert not fast_path_enabled()
+        with reference_math():
+            assert not fast_path_enabled()
+        assert not fast_path_enabled()
+    assert fast_path_enabled()
+    set_fast_path(False)
+    try:
+        assert not fast_path_enabled()
+    finally:
+        set_fast_path(True)
+
+
+def test_fast_path_is_off_while_torch_compile_traces(monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not fast_path_enabled()
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("acts", ["dynamic-sym", "static-asym"])
+def test_falls_back_cleanly_without_int_mm(monkeypatch, rows, acts):
+    """Without ``torch._int_mm`` the exact float fallback gives the same integers, hence the same outputs."""
+    q = _quant(_linear(), W8, acts)
+    x = _x(rows, 96)
+    with torch.no_grad():
+        expected = q(x)
+
+    def boom(*_args, **_kwargs):
+        raise AssertionError("torch._int_mm must not be called")
+
+    monkeypatch.setattr(kernels, "int_mm_available", lambda device_type: False)
+    monkeypatch.setattr(torch, "_int_mm", boom)
+    with torch.no_grad():
+        assert torch.equal(q(x), expected)
+        with reference_math():
+            assert torch.equal(q(x), expected)
+
+
+def test_int_mm_probe_without_the_op(monkeypatch):
+    kernels.int_mm_available.cache_clear()
+    try:
+        monkeypatch.delattr(torch, "_int_mm")
+        assert kernels.int_mm_available("cpu") is False
+        a = torch.randint(-127, 128, (3, 40), dtype=torch.int8)
+        b = torch.randint(-127, 128, (6, 40), dtype=torch.int8)
+        assert torch.equal(int8_matmul(a, b), a.to(torch.int32) @ b.to(torch.int32).T)
+    finally:
+        monkeypatch.undo()
+        kernels.int_mm_available.cache_clear()
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA (runs where a GPU is present)
+# ------------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("acts", list(ACTS))
+def test_cuda_w8a8_fast_equals_reference_and_cpu_integers(rows, acts):
+    q = _quant(_linear(in_f=96, out_f=80), W8, acts).cuda()
+    x = _x(rows, 96).cuda()
+    with torch.no_grad():
+        fast = q(x)
+        with reference_math():
+            ref = q(x)
+    assert torch.equal(fast, ref)
+    a = torch.randint(-127, 128, (rows, 96), dtype=torch.int8)
+    b = torch.randint(-127, 128, (80, 96), dtype=torch.int8)
+    assert torch.equal(int8_matmul(a.cuda(), b.cuda()).cpu(), int8_matmul_reference(a, b))
+
+
+@cuda
+@pytest.mark.parametrize("rows", [1, 64])
+def test_cuda_float_and_weight_only_modules(rows):
+    lin = _linear()
+    x = _x(rows, 96).cuda()
+    for module in (FloatLinear.from_float(lin, torch.float16).cuda(),
+                   QuantLinear.from_float(lin, W8, {"mode": "none"}).cuda()):
+        with torch.no_grad():
+            fast = module(x)
+            with reference_math():
+                ref = module(x)
+        assert torch.equal(fast, ref)
