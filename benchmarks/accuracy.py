@@ -19,8 +19,9 @@ What is measured
   all W8A8 RTN      every linear W8A8 dynamic, round-to-nearest
   all W8A8 SQ+GPTQ  every linear W8A8 dynamic, SmoothQuant (search) + GPTQ
   static FFN        FFN W8A8 static per-tensor (min/max), LM head dynamic, SmoothQuant + GPTQ
-  INT4 RTN          attention + FFN INT4 weight-only groups of 128 (SmolLM2: 64, since 576 is not a
-                    multiple of 128), LM head INT8 weight-only, round-to-nearest
+  INT4 RTN          attention + FFN INT4 weight-only, asymmetric (16 levels + zero point), groups of
+                    128 (SmolLM2: 64, since 576 is not a multiple of 128), LM head INT8 weight-only,
+                    round-to-nearest
   INT4 GPTQ         the same with GPTQ (act-order, static groups)
   auto +0.3%        :func:`hfptq.algorithms.autoprecision.search` from "all W8A8 SQ+GPTQ" with a
                     +0.3 % perplexity budget: searched on ``--search-windows`` windows from the
@@ -106,7 +107,7 @@ def _configs(model_type: str, calibration: Dict[str, Any], group: int) -> Dict[s
     gptq = {"block_size": 128, "damp": 0.01, "act_order": False}
     int4 = dict(activations="none", scheme={"attention": "int4", "ffn": "int4", "lm_head": "int8"},
                 rules=[{"targets": ["kind:attention", "kind:ffn"], "precision": "int4",
-                        "weights": {"granularity": "group", "group_size": group}}])
+                        "weights": {"granularity": "group", "group_size": group, "symmetric": False}}])
     return {
         "default RTN": lambda: HfPtqConfig(),
         "default SQ+GPTQ": lambda: HfPtqConfig(smoothquant=sq, gptq=gptq, calibration=calibration),
@@ -143,12 +144,12 @@ def _algorithms_text(algorithms: Optional[List[Dict[str, Any]]]) -> str:
     return "; ".join(parts) or "-"
 
 
-def run_model(name: str, args) -> Dict[str, Any]:
+def run_model(name: str, args, on_row: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hfptq
-    from hfptq.algorithms.autoprecision import search
+    from hfptq.algorithms.autoprecision import mean_nll, search
     from hfptq.api import model_bytes
     from hfptq.data import calibration_batches, load_text_corpus, tokenize_corpus, wants_bos
     from hfptq.evaluation.perplexity import perplexity
@@ -188,6 +189,8 @@ def run_model(name: str, args) -> Dict[str, Any]:
         result = {**ppl(quantized), "quantize_seconds": seconds, "mib": model_bytes(quantized) / 2**20,
                   "algorithms": info.get("algorithms")}
         out["rows"][row] = result
+        if on_row is not None:
+            on_row(out)
         del quantized
         print(f"# {name}: {row}: ppl {result['ppl']:.4f} ({(result['ppl'] / out['float']['ppl'] - 1) * 100:+.2f}%), "
               f"quantize {seconds:.0f} s, eval {result['eval_seconds']:.0f} s", file=sys.stderr, flush=True)
@@ -200,6 +203,8 @@ def run_model(name: str, args) -> Dict[str, Any]:
         started = time.perf_counter()
         res = search(model, configs["all W8A8 SQ+GPTQ"](), {"max_ppl_increase_pct": 0.3}, calibration=calib_ids,
                      eval_windows=search_windows, heldout_windows=heldout, progress=False,
+                     baselines={"eval": mean_nll(model, search_windows, batch_size=args.batch_size),
+                                "heldout": out["float"]["nll"]},
                      options={"sensitivity_windows": args.sensitivity_windows, "sensitivity_tokens": 128,
                               "batch_size": args.batch_size, "candidates": args.auto_candidates})
         rep = res.report
@@ -267,14 +272,23 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.quick:
         args.windows, args.calib_samples, args.search_windows = 2, 4, 2
     _data_dir()
-    results = []
+    import logging
+
+    logging.basicConfig(stream=sys.stderr, format="# %(message)s")
+    logging.getLogger("hfptq.algorithms").setLevel(logging.INFO)
+    results: List[Dict[str, Any]] = []
+
+    def save(partial: Optional[Dict[str, Any]] = None) -> None:
+        if args.json is not None:
+            data = results + ([partial] if partial is not None else [])
+            args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": data},
+                                            indent=2, default=str))
+
     for name in args.models:
-        results.append(run_model(name, args))
+        results.append(run_model(name, args, on_row=save))
+        save()
         print(table(results[-1], args), flush=True)
         print(flush=True)
-        if args.json is not None:
-            args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
-                                            indent=2, default=str))
 
 
 if __name__ == "__main__":

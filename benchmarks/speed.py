@@ -55,7 +55,6 @@ Prints one Markdown table; ``--json PATH`` also writes the raw numbers.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import json
@@ -397,7 +396,7 @@ def memory_rows(configs: List[str], args: argparse.Namespace) -> Dict[str, Dict[
     for name in configs:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--model", args.model,
                "--threads", str(args.threads), "--device", args.device, "--prompt-len", str(args.prompt_len),
-               "--decode-prompt-len", str(args.decode_prompt_len)]
+               "--decode-prompt-len", str(args.decode_prompt_len), "--malloc", args.malloc]
         if args.random_weights:
             cmd.append("--random-weights")
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -429,6 +428,13 @@ def _cell_speed(value: Optional[float], base: Optional[float]) -> str:
     return f"{value:,.1f}{ratio}"
 
 
+def _allocator(args: Dict[str, Any]) -> str:
+    if args.get("malloc") == "tuned":
+        return "glibc tuned (hfptq.quant.kernels.tune_cpu_allocator)"
+    preload = os.environ.get("LD_PRELOAD")
+    return f"LD_PRELOAD={preload}" if preload else "glibc defaults"
+
+
 def render(result: Dict[str, Any]) -> str:
     args = result["args"]
     wall, cpu = result.get("wall_phase", {}), result.get("cpu_phase", {})
@@ -437,10 +443,10 @@ def render(result: Dict[str, Any]) -> str:
     t = args["threads"]
     lines = [
         f"# hfptq speed benchmark, {result['date']}",
-        f"# device: {result['device_name']}; CPU: {result['cpu_model']} ({os.cpu_count()} logical CPUs); "
-        f"wall-clock phase at {t} thread(s), CPU-time phase at 1 thread",
-        f"# torch {torch.__version__}, transformers {result['transformers']}, CPU capability "
-        f"{result['cpu_capability']}; model: {result['model']}"
+        f"# device: {result['device_name']}; CPU: {result['cpu_model']} ({result.get('logical_cpus', '?')} logical CPUs); "
+        f"wall-clock phase at {t} thread(s)" + (", CPU-time phase at 1 thread" if cpu else ""),
+        f"# torch {result.get('torch', '?')}, transformers {result['transformers']}, CPU capability "
+        f"{result['cpu_capability']}; allocator: {_allocator(args)}; model: {result['model']}"
         + (" (RANDOM weights from its config.json: speed only)" if args["random_weights"] else ""),
         f"# prefill: [1, {args['prompt_len']}] and [4, {args['prompt_len']}] tokens, last-position logits; decode: "
         f"{args['new_tokens']} new tokens after {args['decode_prompt_len']}, batch 1, greedy, KV cache; "
@@ -506,6 +512,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--ppl-windows", type=int, default=4, help="WikiText-2 test windows for perplexity (0: skip)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--malloc", default="default", choices=["default", "tuned"],
+                   help="tuned: hfptq.quant.kernels.tune_cpu_allocator() first (glibc keeps freed memory instead of "
+                        "page-faulting it back in; helps every configuration)")
     p.add_argument("--no-cpu-phase", action="store_true", help="skip the 1-thread process-CPU-time phase")
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration subprocesses")
     p.add_argument("--quick", action="store_true",
@@ -528,6 +537,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         result = json.loads(Path(args.render).read_text())
         print(render(result))
         return result
+    if args.malloc == "tuned":
+        from hfptq.quant.kernels import tune_cpu_allocator
+
+        if not tune_cpu_allocator():
+            print("# --malloc tuned: glibc mallopt is not available here; allocator left as is", file=sys.stderr)
     if args.model is None:
         args.model = default_model_path()
     if args.worker:
@@ -560,6 +574,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     result: Dict[str, Any] = {
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "cpu_model": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch": torch.__version__,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "transformers": transformers.__version__,

@@ -448,14 +448,21 @@ def _budget_fns(budget: Mapping[str, float]) -> Tuple[str, float, Callable[[floa
     return key, float(limit), (lambda ref, q: ref - q), (lambda v: f"{v:+.4f} metric drop")
 
 
-def _fallback_rules(names: Sequence[str], fallback: Mapping[str, Any], tied_lm: Optional[str]) -> List[Dict[str, Any]]:
+def _fallback_rules(names: Sequence[str], fallback: Mapping[str, Any], tied_lm: Optional[str],
+                    tied_lm_w8a8: bool = True) -> List[Dict[str, Any]]:
     names = list(names)
     rules: List[Dict[str, Any]] = []
     float_fallback = fallback["precision"] not in ("int8", "int4")
     if tied_lm is not None and tied_lm in names and float_fallback:
-        # a tied LM head cannot be FP16 while the embedding shares its weight: keep both as they are
+        # A tied LM head cannot be FP16 while the embedding shares its weight. Its higher precision is
+        # INT8 weight-only (no activation quantization; the embedding keeps sharing the INT8 storage),
+        # or, when it already was weight-only, the original float weights of both.
         names.remove(tied_lm)
-        rules.append({"targets": [tied_lm], "precision": "skip", "name": "auto_precision_lm_head"})
+        if tied_lm_w8a8:
+            rules.append({"targets": [tied_lm], "precision": "int8", "activations": "none",
+                          "name": "auto_precision_lm_head"})
+        else:
+            rules.append({"targets": [tied_lm], "precision": "skip", "name": "auto_precision_lm_head"})
     if names:
         rule = {"targets": names, "precision": fallback["precision"], "name": "auto_precision"}
         for key in ("weights", "activations"):
@@ -468,7 +475,8 @@ def _fallback_rules(names: Sequence[str], fallback: Mapping[str, Any], tied_lm: 
 def _compose_rules(base_config: HfPtqConfig, base_plan: Any, names: Sequence[str], fallback: Mapping[str, Any],
                    tied_lm: Optional[str]) -> Tuple[List[Dict[str, Any]], List[str]]:
     """Fallback rules first, then the base rules that still claim at least one module."""
-    new = _fallback_rules(names, fallback, tied_lm)
+    w8a8 = tied_lm is not None and (base_plan[tied_lm].activations or {}).get("mode", "none") != "none"
+    new = _fallback_rules(names, fallback, tied_lm, w8a8)
     kept = set(names)
     rules, dropped = list(new), []
     for index, rule in enumerate(base_config.rules):
@@ -492,6 +500,7 @@ def search(
     tokenizer: Any = None,
     options: Optional[Mapping[str, Any]] = None,
     metric_fn: Optional[MetricFn] = None,
+    baselines: Optional[Mapping[str, float]] = None,
     progress: bool = True,
 ) -> AutoPrecisionResult:
     """Choose which modules of ``base_config``'s plan move to a higher precision to meet ``budget``.
@@ -515,6 +524,8 @@ def search(
             ``sensitivity_tokens``, ``margin``, ``max_rounds``, ``candidates``, ``batch_size``,
             ``measure_speed``.
         metric_fn: ``metric_fn(model, data) -> float`` (higher is better) for ``max_metric_drop``.
+        baselines: the float model's values ``{"eval": ..., "heldout": ...}`` when already measured
+            (mean NLL in nats, or ``metric_fn`` values); saves two full evaluations.
         progress: progress bars.
 
     Returns:
@@ -559,9 +570,12 @@ def search(
     float_bytes = _model_bytes(float_model)
     base_plan = resolve_plan(float_model, base_config)
     evals = {"baselines": 0, "search": 0, "heldout": 0, "sensitivity_passes": 0, "calibrations": 0}
-    ref_eval = evaluate(float_model, eval_windows)
-    ref_heldout = evaluate(float_model, heldout_windows)
-    evals["baselines"] += 2
+    if baselines is not None and {"eval", "heldout"} <= set(baselines):
+        ref_eval, ref_heldout = float(baselines["eval"]), float(baselines["heldout"])
+    else:
+        ref_eval = evaluate(float_model, eval_windows)
+        ref_heldout = evaluate(float_model, heldout_windows)
+        evals["baselines"] += 2
 
     # 1. calibrate once (no GPTQ: the search converts the same smoothed float weights at every k)
     search_config = _derive(base_config, gptq=None)
@@ -606,6 +620,8 @@ def search(
     ranking = sorted(candidates, key=lambda n: (-(losses[n] - base_loss), n))
     sensitivity = [{"module": n, "kind": base_plan[n].kind, "score": losses[n] - base_loss} for n in ranking]
     sensitivity_seconds = time.perf_counter() - t0
+    logger.info("auto precision: ranked %d modules in %.0f s; most sensitive: %s", len(ranking), sensitivity_seconds,
+                ", ".join(ranking[:5]))
 
     lm = next((e for e in base_plan if e.kind == "lm_head"), None)
     emb = next((e for e in base_plan if e.kind == "embedding"), None)
@@ -670,6 +686,8 @@ def search(
         value = evaluate(model_final, heldout_windows)
         evals["heldout"] += 1
         inc = increase_of(ref_heldout, value)
+        logger.info("auto precision: round %d: k=%d verified on held-out windows: %s (budget %s)", round_index, k,
+                    label_of(inc), label_of(limit))
         final = {"k": k, "config": cfg, "rules": rules, "dropped_rules": dropped, "value": value, "increase": inc,
                  "bytes": _model_bytes(model_final), "plan": model_final.hfptq_plan,
                  "algorithms": (getattr(model_final, "hfptq_calibration", None) or {}).get("algorithms")}

@@ -398,6 +398,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, weight_args: Mapp
     # per sub-block of _SUB rows, and only the current sub-block eagerly; mathematically identical
     # to updating everything after every column.
     wt = w.t().contiguous()
+    del w  # LM heads are large: keep only the transposed working copy
     q_t = torch.zeros_like(wt)
     scale_t = scale_all.t().contiguous()  # [n_groups or 1, out or 1]
     zp_t = zp_all.t().contiguous().float()
@@ -437,7 +438,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, weight_args: Mapp
                 block[j2:] -= u_block[j1:j2, j2:].t() @ err_block[j1:j2]
         if i2 < in_f:
             wt[i2:] -= upper[i1:i2, i2:].t() @ err_block
+    del wt
     q_all = q_t.t().contiguous()
+    del q_t
     scale_all = scale_t.t().contiguous()
     zp_all = zp_t.t().round().to(torch.int32)
 

@@ -116,6 +116,11 @@ def test_generous_budget_costs_one_search_evaluation(planted):
     assert result.report["evaluations"]["search"] == 1 and result.report["evaluations"]["heldout"] == 1
     expected = mean_nll(model, heldout, batch_size=4)
     assert result.report["baseline"]["heldout"] == pytest.approx(expected, rel=1e-6)
+    # given baselines are used as they are (no float evaluation)
+    again = search(model, ALL_W8A8, {"max_nll_increase": 10.0}, calibration=calib, eval_windows=search_windows,
+                   heldout_windows=heldout, progress=False, baselines={"eval": 1.0, "heldout": expected},
+                   options={"sensitivity_windows": 1, "sensitivity_tokens": 8})
+    assert again.report["evaluations"]["baselines"] == 0 and again.report["baseline"]["eval"] == 1.0
 
 
 def test_missed_heldout_budget_is_reported_not_hidden(planted):
@@ -134,7 +139,9 @@ def test_missed_heldout_budget_is_reported_not_hidden(planted):
 # ------------------------------------------------------------------ rules
 
 
-def test_tied_lm_head_falls_back_to_skip_and_resolves():
+def test_tied_lm_head_falls_back_to_weight_only_and_resolves():
+    """A tied LM head cannot be FP16 while the embedding shares it: W8A8 -> INT8 weight-only (shared
+    storage kept), weight-only -> both left float."""
     model = tiny_model("gemma3_text")
     base = HfPtqConfig(scheme={"attention": "int8"})
     plan = resolve_plan(model, base)
@@ -142,8 +149,17 @@ def test_tied_lm_head_falls_back_to_skip_and_resolves():
     rules, dropped = _compose_rules(base, plan, ["lm_head", PLANTED], {"precision": "fp16"}, "lm_head")
     assert dropped == []
     new = resolve_plan(model, HfPtqConfig(scheme={"attention": "int8"}, rules=rules))
-    assert new["lm_head"].precision == "skip" and new["model.embed_tokens"].precision == "skip"
+    assert new["lm_head"].precision == "int8" and new["lm_head"].activations == {"mode": "none"}
+    assert new["model.embed_tokens"].tied_to == "lm_head"
     assert new[PLANTED].precision == "fp16"
+
+    weight_only = HfPtqConfig(scheme={"attention": "int8"},
+                              rules=[{"targets": ["kind:lm_head"], "precision": "int8", "activations": "none"}])
+    plan = resolve_plan(model, weight_only)
+    rules, dropped = _compose_rules(weight_only, plan, ["lm_head"], {"precision": "fp16"}, "lm_head")
+    assert dropped == ["rules[0]"]
+    new = resolve_plan(model, HfPtqConfig(scheme={"attention": "int8"}, rules=rules))
+    assert new["lm_head"].precision == "skip" and new["model.embed_tokens"].precision == "skip"
 
 
 def test_base_rules_fully_claimed_by_the_fallback_are_dropped():

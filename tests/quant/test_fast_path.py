@@ -32,7 +32,7 @@ from hfptq.quant.kernels import (
     set_fast_path,
 )
 from hfptq.quant.linear import FloatLinear, QuantLinear
-from hfptq.quant.qparams import SCALE_EPS, dequantize_weight, quantize, quantize_per_token
+from hfptq.quant.qparams import SCALE_EPS, quantize, quantize_per_token
 
 U_FP32 = 2.0**-24
 ROWS = [1, 7, 64, 513]
