@@ -85,7 +85,10 @@ def static_model(load_tiny, family: str, *, symmetric: bool = True):
 def run_fresh(code: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter (offline, one thread)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # Transformers' default verbosity (warnings shown): the tests assert what a user sees, whatever the
+    # caller's TRANSFORMERS_VERBOSITY (CI may set "error").
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+               TRANSFORMERS_VERBOSITY="warning")
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=str(REPO))
 
