@@ -31,6 +31,7 @@ import contextlib
 import functools
 import logging
 import os
+import threading
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -203,10 +204,42 @@ def quantize_per_token_fast(
         xf, owned = _as_float32(x)
         t = xf.div_(scale) if owned else torch.div(xf, scale)
         return t.round_().to(torch.int8), scale, None
-    lo = x.amin(dim=-1, keepdim=True)
-    hi = x.amax(dim=-1, keepdim=True)
-    scale, zp = compute_qparams(lo, hi, bits, False)
-    return quantize_fast(x, scale, zp, bits, False), scale, zp
+    return quantize_per_token_asym_fast(x, bits)
+
+
+def quantize_per_token_asym_fast(
+    x: torch.Tensor, bits: int = 8
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bit-identical, faster asymmetric :func:`~hfptq.quant.qparams.quantize_per_token`.
+
+    The reference is ``compute_qparams(amin, amax)`` followed by ``quantize``: about twenty small
+    tensor operations, which dominate a decode step (one token, ``[1, K]``) where the integer
+    matmul itself takes a few microseconds. Here the same IEEE operations run in the same order
+    on freshly allocated ``[..., 1]`` tensors, in place, so there are about half as many:
+
+    * ``torch.aminmax`` returns the same two reductions in one pass (min/max return input
+      values; converting them to float32 is exact).
+    * ``scale = clamp((max(hi, 0) - min(lo, 0)) / (qmax - qmin), min=SCALE_EPS)``, the
+      reference expression, evaluated in place.
+    * ``zero_point = clamp(round(qmin - lo / scale), qmin, qmax)``: ``torch.rsub`` computes
+      ``qmin - t`` itself (the same single rounding). It is kept as an integer-valued float32 for
+      the quantization, where the reference adds the int32 zero point to a float32 tensor —
+      the int32 is first converted to that same float32 value, so the sums are equal; the
+      returned zero point is its exact int32 conversion.
+
+    Returns ``(q int8 [..., K], scale float32 [..., 1], zero_point int32 [..., 1])``.
+    """
+    qmin, qmax = qrange(bits, False)
+    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+    if lo.dtype != torch.float32:
+        lo, hi = lo.float(), hi.float()
+    lo.clamp_(max=0.0)
+    scale = hi.clamp_(min=0.0).sub_(lo).div_(float(qmax - qmin)).clamp_(min=SCALE_EPS)
+    zp = torch.rsub(lo.div_(scale), qmin).round_().clamp_(qmin, qmax)
+    xf, owned = _as_float32(x)
+    t = xf.div_(scale) if owned else torch.div(xf, scale)
+    q = t.round_().add_(zp).clamp_(qmin, qmax).to(torch.int8)
+    return q, scale, zp.to(torch.int32)
 
 
 def quantize_fast(
@@ -453,3 +486,51 @@ def cached_cast(owner: torch.nn.Module, slot: str, source: torch.Tensor, dtype: 
 def clear_cached(owner: torch.nn.Module, slot: str) -> None:
     """Drop a copy kept by :func:`cached_cast`."""
     owner.__dict__.pop(slot, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sibling modules reading the same input (q/k/v, gate/up): prepare the input once
+# ------------------------------------------------------------------------------------------------
+
+
+class _LastInput(threading.local):
+    """One slot per thread: the last input prepared by :func:`prepared_input` and its result."""
+
+    def __init__(self) -> None:
+        self.source: Optional[torch.Tensor] = None
+        self.key: Optional[tuple] = None
+        self.value: object = None
+
+
+_last_input = _LastInput()
+
+
+def prepared_input(tag: tuple, x: torch.Tensor, prepare):
+    """``prepare(x)``, reused when the previous call saw the very same, unchanged ``x``.
+
+    Transformers feeds one tensor to several sibling projections (``q_proj``/``k_proj``/``v_proj``
+    on the normed hidden states, ``gate_proj``/``up_proj`` on the MLP input). Quantizing it per
+    token (or casting it to the compute dtype) once instead of two or three times is a large part
+    of a decode step's cost. The result is reused only when ``x`` is the same Python object with
+    the same storage, view and version counter as in the previous call (in-place writes bump the
+    version) and ``tag`` (what was computed: e.g. ``("per_token", bits, symmetric)``) is equal, so
+    the reused value is exactly what ``prepare(x)`` would return again. The slot keeps a reference
+    to ``x`` (so its memory cannot be recycled for another tensor while the entry lives) and is
+    per thread. Tensors without a version counter (created under ``torch.inference_mode``) are
+    never reused. :func:`clear_prepared_input` empties the slot.
+    """
+    key = tensor_key(x)
+    slot = _last_input
+    if key is None:
+        return prepare(x)
+    if slot.source is x and slot.key == (tag, key):
+        return slot.value
+    value = prepare(x)
+    slot.source, slot.key, slot.value = x, (tag, key), value
+    return value
+
+
+def clear_prepared_input() -> None:
+    """Drop the input kept by :func:`prepared_input` (frees one activation tensor)."""
+    slot = _last_input
+    slot.source = slot.key = slot.value = None

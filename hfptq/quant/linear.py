@@ -41,6 +41,7 @@ from .kernels import (
     fast_cast,
     fast_path_enabled,
     int8_matmul,
+    prepared_input,
     quantize_fast,
     quantize_per_token_fast,
     rescale_int32,
@@ -315,15 +316,21 @@ class QuantLinear(nn.Module):
     def _forward_int8_fast(self, x: torch.Tensor) -> torch.Tensor:
         """Bit-identical to :meth:`_forward_int8_reference` with fewer passes and temporaries."""
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        k = shape[-1]
         if self.act_mode == "dynamic":
-            xq, xs, xz = quantize_per_token_fast(x2, self.act_bits, self.act_symmetric)
+            # q/k/v and gate/up receive the same tensor: quantize it once per token, not per module
+            bits, sym = self.act_bits, self.act_symmetric
+            xq, xs, xz = prepared_input(("per_token", bits, sym), x,
+                                        lambda t: quantize_per_token_fast(t.reshape(-1, k), bits, sym))
         else:
             xs, xz = self.input_scale, self.input_zero_point
-            xq = quantize_fast(x2, xs, xz, self.act_bits, self.act_symmetric)
+            xq = quantize_fast(x.reshape(-1, k), xs, xz, self.act_bits, self.act_symmetric)
         w = self.int_weight()
         acc = int8_matmul(xq, w)
-        if xz is not None or self.weight_zero_point is not None:
+        if xz is not None and self.weight_zero_point is None and acc.device.type == "cpu":
+            # the common asymmetric-activation case in one exact integer pass: acc -= zx (x) rowsum(W)
+            acc.addr_(xz.reshape(-1).expand(acc.shape[0]), self._weight_rowsum_for(w), alpha=-1)
+        elif xz is not None or self.weight_zero_point is not None:
             rowsum = self._weight_rowsum_for(w) if xz is not None else None
             acc = subtract_zero_point_terms(acc, xq, xz, w, self.weight_zero_point, rowsum)
         y = rescale_int32(acc, xs, self.weight_scale.reshape(1, -1), self.bias, x.dtype)
@@ -420,7 +427,9 @@ class FloatLinear(nn.Module):
             else:
                 w = fast_cast(w, cd)
                 bias = None if bias is None else fast_cast(bias, cd)
-        return F.linear(x.to(cd), w, bias).to(x.dtype)
+        xc = x if x.dtype == cd else prepared_input(("cast", cd), x, lambda t: t.to(cd))
+        y = F.linear(xc, w, bias)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -462,3 +462,100 @@ def test_cuda_float_and_weight_only_modules(rows):
             with reference_math():
                 ref = module(x)
         assert torch.equal(fast, ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sibling projections reading one input (q/k/v, gate/up): the input is prepared once
+# ------------------------------------------------------------------------------------------------
+
+
+def _siblings(acts: str = "dynamic-asym"):
+    """Three W8A8 projections of one input, like q/k/v or gate/up."""
+    return [_quant(_linear(96, out_f, seed=i), W8, acts) for i, out_f in enumerate((80, 32, 48))]
+
+
+@pytest.mark.parametrize("acts", ["dynamic-sym", "dynamic-asym"])
+def test_siblings_on_one_input_give_each_module_its_reference_output(acts, monkeypatch):
+    """Sharing the quantized input changes no number, and the input is quantized once."""
+    mods = _siblings(acts)
+    x = _x(2, 5, 96, seed=3)
+    calls = []
+    real = kernels.quantize_per_token_fast
+    monkeypatch.setattr("hfptq.quant.linear.quantize_per_token_fast",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    kernels.clear_prepared_input()
+    with torch.no_grad():
+        fast = [m(x) for m in mods]
+        with reference_math():
+            ref = [m(x) for m in mods]
+    assert len(calls) == 1
+    for f, r in zip(fast, ref):
+        assert torch.equal(f, r)
+
+
+def test_prepared_input_is_recomputed_after_an_in_place_write_or_for_a_new_tensor(monkeypatch):
+    mods = _siblings()
+    x = _x(4, 96, seed=4)
+    calls = []
+    real = kernels.quantize_per_token_fast
+    monkeypatch.setattr("hfptq.quant.linear.quantize_per_token_fast",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    kernels.clear_prepared_input()
+    with torch.no_grad():
+        mods[0](x)
+        x.mul_(-2.0)                       # same object, new contents: the version counter moved
+        after_write = mods[1](x)
+        same_values = x.clone()            # equal values, another tensor: recomputed, not trusted
+        other = mods[2](same_values)
+        with reference_math():
+            assert torch.equal(after_write, mods[1](x))
+            assert torch.equal(other, mods[2](same_values))
+    assert len(calls) == 3
+
+
+def test_prepared_input_distinguishes_settings_and_skips_inference_tensors(monkeypatch):
+    sym, asym = _quant(_linear(seed=1), W8, "dynamic-sym"), _quant(_linear(seed=2), W8, "dynamic-asym")
+    x = _x(3, 96, seed=5)
+    kernels.clear_prepared_input()
+    with torch.no_grad():
+        out = (sym(x), asym(x))
+        with reference_math():
+            assert torch.equal(out[0], sym(x)) and torch.equal(out[1], asym(x))
+    calls = []
+    real = kernels.quantize_per_token_fast
+    monkeypatch.setattr("hfptq.quant.linear.quantize_per_token_fast",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.inference_mode():
+        xi = _x(3, 96, seed=5)
+        a, b = asym(xi), asym(xi)
+    assert len(calls) == 2 and torch.equal(a, b) and torch.equal(a, out[1])
+
+
+def test_float_linear_siblings_share_the_cast_and_match_reference():
+    mods = [FloatLinear.from_float(_linear(96, n, seed=i), torch.float16) for i, n in enumerate((64, 16))]
+    x = _x(6, 96, seed=6)
+    kernels.clear_prepared_input()
+    with torch.no_grad():
+        fast = [m(x) for m in mods]
+        with reference_math():
+            ref = [m(x) for m in mods]
+    assert all(torch.equal(f, r) for f, r in zip(fast, ref))
+    assert all(f.dtype == x.dtype for f in fast)
+
+
+def test_prepared_input_keeps_one_slot_per_thread():
+    import threading
+
+    x = _x(2, 96, seed=7)
+    seen = {}
+
+    def worker(name):
+        seen[name] = kernels.prepared_input(("t",), x, lambda t: object())
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen[0] is not seen[1]          # nothing leaks between threads
+    kernels.clear_prepared_input()
