@@ -223,7 +223,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def _prefill(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], Any]:
     def run() -> Any:
-        with torch.inference_mode():
+        # no_grad (what ``generate`` uses), not inference_mode: see hfptq.quant.kernels.prepared_input
+        with torch.no_grad():
             return model(input_ids=ids, logits_to_keep=1, use_cache=False)
 
     return run
@@ -239,7 +240,7 @@ def _generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> 
     mask = torch.ones_like(prompt)
 
     def run() -> Any:
-        with torch.inference_mode():
+        with torch.no_grad():
             out = model.generate(prompt, attention_mask=mask, generation_config=gen)
         if out.shape[1] - prompt.shape[1] != new_tokens:
             raise RuntimeError(f"generate made {out.shape[1] - prompt.shape[1]} tokens instead of {new_tokens}")

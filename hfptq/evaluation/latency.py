@@ -172,7 +172,9 @@ def measure_latency(
         torch.cuda.reset_peak_memory_stats(device)
     try:
         used_threads = torch.get_num_threads()
-        with torch.inference_mode():
+        # no_grad, as ``generate`` itself uses: tensors keep their version counters, which lets sibling
+        # projections (q/k/v, gate/up) prepare a shared input once (hfptq.quant.kernels.prepared_input)
+        with torch.no_grad():
             walls, cpus = _repeat(lambda: forward_logits(model, prompt, logits_to_keep=1), device, repeats, warmup)
             result: dict[str, Any] = {
                 "device": str(device),

@@ -4,7 +4,8 @@ Two layers live here:
 
 * :func:`int8_matmul` returns ``a @ b_t.T`` accumulated exactly in int32, whatever path runs:
   ``torch._int_mm`` when the device and shapes allow it, otherwise a float matmul that is exact
-  for the given inner dimension (float32 while ``K * 127 * 128 < 2**24``, else float64). Every
+  for the given inner dimension (float32 while ``K * 128 * 128 < 2**24``, else float64: int8 operands
+  reach -128 on both sides with asymmetric activations and weights). Every
   path gives the same integers.
 * The *fast path* helpers (:func:`quantize_per_token_fast`, :func:`quantize_fast`,
   :func:`rescale_int32`, :func:`dequant_linear_tiled`, :func:`cached_cast`) compute **the same
@@ -130,7 +131,9 @@ def _int_mm_shape_ok(m: int, k: int, n: int, device_type: str) -> bool:
 def int8_matmul_reference(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """Exact int32 result of ``a @ b_t.T`` through a float matmul (exact by the size bound)."""
     k = a.shape[-1]
-    dtype = torch.float32 if k * 127 * 128 < _F32_EXACT_LIMIT else torch.float64
+    # |a_k * b_k| <= 128 * 128 (both operands may be -128): every partial sum is an integer below
+    # 2**24 in magnitude, hence exact in float32, while K * 128 * 128 < 2**24
+    dtype = torch.float32 if k * 128 * 128 < _F32_EXACT_LIMIT else torch.float64
     return torch.matmul(a.to(dtype), b_t.to(dtype).t()).round_().to(torch.int32)
 
 

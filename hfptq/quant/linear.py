@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CalibrationError
 from .kernels import (
     cached_cast,
     clear_cached,
@@ -190,7 +191,10 @@ class QuantLinear(nn.Module):
             q.bias.data.copy_(bias.detach())
         if q.act_mode == "static":
             if input_qparams is None:
-                raise ValueError("static activations need input_qparams=(scale, zero_point) from calibration")
+                raise CalibrationError(
+                    "static activations need input_qparams=(scale, zero_point) measured by calibration: quantize "
+                    "through HfPtqConfig(activations='static', calibration=...) so the scales are measured first, "
+                    "or use activations='dynamic' (per-token scales computed at run time)")
             q.set_input_qparams(*input_qparams)
         return q
 

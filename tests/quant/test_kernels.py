@@ -45,7 +45,7 @@ def test_extreme_values(a_val, b_val, matmul):
 
 
 def test_large_k_where_float32_is_not_exact_uses_float64():
-    # K * 127 * 128 >= 2^24: partial sums pass 2^24 and an odd total is not representable in float32
+    # K * 128 * 128 >= 2^24: partial sums pass 2^24 and an odd total is not representable in float32
     k = 1100
     a = torch.full((1, k), 127, dtype=torch.int8)
     b = torch.full((1, k), 127, dtype=torch.int8)
@@ -70,10 +70,6 @@ def test_fallback_branch_is_taken_and_exact_for_large_k(monkeypatch):
     assert calls == [torch.Size([2, 3000])]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kernels.int8_matmul_reference picks float32 while K*127*128 < 2^24, but int8 operands reach "
-    "-128 on both sides (asymmetric activations x asymmetric int8 weights): |a*b| = 16384 > 127*128, so for "
-    "1024 <= K < 1032 the float32 sum can pass 2^24 and round. Use 128*128 in the bound."))
 def test_reference_exact_for_minus_128_on_both_sides():
     k = 1031  # 1031 * 127 * 128 = 16,759,936 < 2^24, but 1030 * 128 * 128 + 1 = 16,875,521 > 2^24
     a = torch.full((1, k), -128, dtype=torch.int8)

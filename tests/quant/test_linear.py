@@ -292,7 +292,6 @@ def test_static_without_qparams_is_refused():
         QuantLinear.from_float(_linear(), W8_CHANNEL, {"mode": "static"})
 
 
-@pytest.mark.xfail(strict=True, reason="linear.py raises a bare ValueError, not an HfPtqError (CalibrationError)")
 def test_static_without_qparams_raises_an_hfptq_error():
     with pytest.raises(HfPtqError):
         QuantLinear.from_float(_linear(), W8_CHANNEL, {"mode": "static"})
