@@ -46,6 +46,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
 OBSERVERS = ("minmax", "percentile", "entropy", "mse")
 _RESULT_PREFIX = "HFPTQ_BENCH_RESULT "
 

@@ -77,7 +77,7 @@ def plot_layer_errors(rows: list[dict], path: Path, n_worst: int = 3) -> Path:
         ax.text(0.5, 0.5, "all compared modules are exact (SQNR = inf)", ha="center", va="center", transform=ax.transAxes)
         ax.set_yticks([])
     ax.set_xlabel("SQNR (dB), higher is better")
-    title = "Per-module output SQNR, quantized vs float"
+    title = "Per-module output SQNR, quantized vs float model (end to end: includes upstream error)"
     ax.set_title(title + (f"\n({'; '.join(subtitle)})" if subtitle else ""), fontsize=11)
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)

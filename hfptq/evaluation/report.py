@@ -433,7 +433,7 @@ class QualityReport:
             lines.extend(fmt(r) for r in rows)
         worst = self._worst_layers(3)
         if worst:
-            lines.append("lowest SQNR modules:")
+            lines.append("lowest SQNR modules (end to end: includes the error of the quantized modules upstream):")
             width = max(len(r["module"]) for r in worst)
             lines += [f"  {r['module'].ljust(width)}  {_fmt_num(r['sqnr_db'], 1)} dB" for r in worst]
         if self.sensitivity:
@@ -544,7 +544,10 @@ class QualityReport:
             n_rows = min(max_layer_rows, len(self.layer_errors))
             md += ["## Per-layer error", ""]
             md.append(f"The {n_rows} modules with the lowest SQNR (of {len(self.layer_errors)}; all are in report.json). "
-                      "SQNR = 10·log10(Σref² / Σ(ref − q)²); higher is better, ~6 dB per bit.")
+                      "SQNR = 10·log10(Σref² / Σ(ref − q)²); higher is better, ~6 dB per bit. Measured end to end: "
+                      "each module's output in the quantized model against the float model on the same input ids, so "
+                      "it includes the error of every quantized module upstream (a float-kept module can score "
+                      "low); the sensitivity table, when run, isolates one module at a time.")
             md += ["", "| Module | SQNR (dB) | Relative error |", "| --- | ---: | ---: |"]
             for r in self._worst_layers(n_rows):
                 md.append(f"| `{r['module']}` | {_fmt_num(r['sqnr_db'], 2)} | {_fmt_num(r['rel_error'], 5)} |")
