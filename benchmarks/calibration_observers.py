@@ -142,8 +142,9 @@ def _worker(args) -> Dict[str, Any]:
         out["rss_before_calibration"] = _rss()
         load_before = os.getloadavg()[0]
         _reset_peak_rss()  # loading the checkpoint peaks higher than calibration; measure calibration alone
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         quantize_model(model, config, calibration_data=ids, progress=False)
+        out["quantize_cpu_seconds"] = time.process_time() - cpu_started  # all threads summed
         out["load_average"] = (load_before + os.getloadavg()[0]) / 2
         info = model.hfptq_calibration
         out["calibration_seconds"] = info["seconds"]
@@ -186,19 +187,23 @@ def _table(rows: List[Dict[str, Any]], float_ppl: float, args) -> str:
         f"{rows[0]['eval_windows']} windows ({rows[0]['eval_tokens']} tokens) of WikiText-2 test, "
         f"seq_len {args.eval_seq_len}; torch threads {args.threads}.",
         "down_proj clip / max: clipping threshold over the observed max |x| of down_proj's input, mean over "
-        "layers. load avg: 1-minute load average of this (shared) machine around the calibration call.",
+        "layers. load avg: 1-minute load average of this (shared) machine around the calibration call. "
+        "CPU s: process CPU time of the calibration call, all threads summed (on an idle machine the wall time "
+        "is about CPU s / threads).",
         "",
-        "| observer | ppl | vs float | calibration s | peak RSS in calib. | RSS before calib. | down_proj clip / max "
-        "| load avg |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| float | {float_ppl:.3f} | - | - | - | - | - | - |",
+        "| observer | ppl | vs float | calibration s | CPU s | peak RSS in calib. | RSS before calib. "
+        "| down_proj clip / max | load avg |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| float | {float_ppl:.3f} | - | - | - | - | - | - | - |",
     ]
     for r in rows:
         rel = (r["ppl"] / float_ppl - 1) * 100
         clip = r.get("down_proj_clip_ratio_mean")
         lines.append(
             f"| {r['variant'].replace('+down_dynamic', ' (down_proj dynamic)').replace('@bf16', ' (bf16)')} | {r['ppl']:.3f} | {rel:+.2f}% | "
-            f"{r['calibration_seconds']:.1f} | {_mib(r['peak_rss'])} | {_mib(r['rss_before_calibration'])} | "
+            f"{r['calibration_seconds']:.1f} | "
+            f"{'n/a' if r.get('quantize_cpu_seconds') is None else format(r['quantize_cpu_seconds'], '.1f')} | "
+            f"{_mib(r['peak_rss'])} | {_mib(r['rss_before_calibration'])} | "
             f"{'-' if clip is None else f'{clip:.2f}'} | {r.get('load_average', float('nan')):.1f} |"
         )
     return "\n".join(lines)
@@ -216,8 +221,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--no-diagnostic", action="store_true", help="skip the down_proj-dynamic row")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 rows")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="print the tables of an earlier --json file and exit")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())
+        for key in ("samples", "seq_len", "eval_seq_len", "threads"):
+            setattr(args, key, saved["args"][key])
+        print(_table(saved["rows"], saved["float"]["ppl"], args))
+        if saved.get("bf16"):
+            print()
+            print(_table(saved["bf16"]["rows"], saved["bf16"]["float"]["ppl"], args).split("\n", 2)[2])
+        return
 
     if args.worker is not None:
         print(_RESULT_PREFIX + json.dumps(_worker(args)), flush=True)
