@@ -632,6 +632,7 @@ class _Engine:
         self.weight_qparams: Dict[str, tuple] = {}
         self.pending: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (model tensor, new value)
         self.smoothed: Dict[str, nn.Module] = {}  # planned linears whose weight SmoothQuant changed
+        self.plan_updates: List[Tuple[Any, Any]] = []  # (embedding entry tied to a smoothed head, 1 / s)
 
     # -------------------------------------------------------------------- validation
     def validate(self) -> None:
@@ -1053,7 +1054,7 @@ class _Engine:
     def _plan_work(self) -> None:
         """Which layers must run (``last_needed``) and whether the tail pass is needed."""
         slots, gptq_tail, extra_tail = self._tail_modules()
-        self.tail_needed = bool(slots or gptq_tail or extra_tail)
+        self.tail_needed = bool(slots or gptq_tail or extra_tail or self._head_smoothing_target() is not None)
         name, _ = self.layers
         self.last_needed = len(self.order) - 1
         if self.tail_needed or self.smoothquant is not None or self.extra_stats_hooks:
@@ -1065,22 +1066,43 @@ class _Engine:
             if any(n.startswith(prefix) for n in busy):
                 self.last_needed = position
 
-    def _run_tail(self) -> None:
+    def _head_smoothing_target(self) -> Optional[Tuple[str, nn.Module, str, nn.Module]]:
+        """``(head name, head, norm name, norm)`` when SmoothQuant should smooth final norm -> LM head."""
+        if self.smoothquant is None:
+            return None
+        module = importlib.import_module("hfptq.algorithms.smoothquant")
+        if not all(hasattr(module, f) for f in ("smooth_head", "InputSampler", "groups_for")):
+            return None  # an algorithms module without the head group (a stand-in in tests, an older plugin)
+        from .algorithms import validate_options
+
+        groups = validate_options("smoothquant", self.config.smoothquant)["groups"]
+        if groups is not None and "head" not in groups:
+            return None
+        entry = next((e for e in self.plan if e.kind == "lm_head"), None)
+        if entry is None or not entry.quantized or (entry.activations or {}).get("mode", "none") == "none":
+            return None
+        head = _get(self.model, entry.name)
+        if head is None or not is_quantizable_linear(head):
+            return None
+        parent_name = self.layers[0].rpartition(".")[0]
+        parent = _get(self.model, parent_name) if parent_name else self.model
+        for attr in ("norm", "final_layernorm", "ln_f", "final_norm", "norm_f"):
+            norm = getattr(parent, attr, None) if parent is not None else None
+            if isinstance(norm, nn.Module) and isinstance(getattr(norm, "weight", None), torch.Tensor):
+                return entry.name, head, f"{parent_name}.{attr}" if parent_name else attr, norm
+        return None
+
+    def _tail_pass(self, modules: Mapping[str, nn.Module], consumers: Sequence[StatsHook], observe: bool,
+                   extra_hooks: Sequence[Tuple[nn.Module, Callable]] = ()) -> None:
+        """Run the planned modules after the layer stack on the cached last-layer outputs."""
         name, layers = self.layers
-        slots, gptq_tail, extra_tail = self._tail_modules()
-        if not self.tail_needed:
-            return
-        modules = {n: self.model.get_submodule(n) for n in list(slots) + gptq_tail}
-        modules.update(extra_tail)
-        consumers: List[StatsHook] = list(self.extra_stats_hooks)
-        hessians = None
-        if gptq_tail:
-            hessians = HessianAccumulator(gptq_tail)
-            consumers.append(hessians)
         out_emb = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         originals = {i: layers[i] for i in self.order}
         last = self.order[-1]
+        handles = []
         try:
+            for module, hook in extra_hooks:
+                handles.append(module.register_forward_hook(hook))
             for b, (start, end) in enumerate(self.slices):
                 self.batch_index = b
                 templates = self.templates[end - start]
@@ -1089,22 +1111,117 @@ class _Engine:
                 for i, stub in stubs.items():
                     layers[i] = stub
                 try:
-                    with torch.inference_mode(), self._hooks(modules, consumers, observe=True, stop_after=out_emb):
+                    with torch.inference_mode(), self._hooks(modules, consumers, observe=observe, stop_after=out_emb):
                         self._run_model(self._ids(start, end))
                 finally:
                     for i, module in originals.items():
                         layers[i] = module
                 self._tick("hfptq: calibrating outside the layers")
         finally:
+            for handle in handles:
+                handle.remove()
             for i, module in originals.items():
                 layers[i] = module
+
+    def _smooth_head(self, target: Tuple[str, nn.Module, str, nn.Module]) -> Optional[nn.Module]:
+        """SmoothQuant final norm -> LM head; returns the folded copy of the norm (``None`` if skipped)."""
+        from .algorithms import validate_options
+
+        module = importlib.import_module("hfptq.algorithms.smoothquant")
+        InputSampler, groups_for, smooth_head = module.InputSampler, module.groups_for, module.smooth_head
+        head_name, head, norm_name, norm = target
+        opts = validate_options("smoothquant", self.config.smoothquant)
+        absmax = ChannelAbsMax()
+        hooks: List[StatsHook] = [absmax]
+        sampler = InputSampler(opts["search_tokens"]) if opts["alpha"] == "search" else None
+        if sampler is not None:
+            hooks.append(sampler)
+        seen = {"norm_out": None, "feeds_head": True}
+
+        def norm_out(_module, _args, output):
+            seen["norm_out"] = output if isinstance(output, torch.Tensor) else None
+
+        def check(name, x, _batch):
+            ref = seen["norm_out"]
+            if ref is None or ref.shape[-1] != x.shape[-1] or not torch.equal(ref.reshape(-1, ref.shape[-1]), x):
+                seen["feeds_head"] = False
+            seen["norm_out"] = None
+
+        self._tail_pass({head_name: head}, [check, *hooks], observe=False, extra_hooks=[(norm, norm_out)])
+        record: Dict[str, Any] = {"group": "head", "prev": norm_name, "consumers": [head_name]}
+        weight = None
+        work = copy.deepcopy(norm)
+        if not seen["feeds_head"]:
+            record.update(status="skipped", reason=f"{norm_name}'s output is not exactly {head_name}'s input")
+        elif head_name not in absmax.values:
+            record.update(status="skipped", reason=f"{head_name} received no input")
+        else:
+            model_type = getattr(getattr(self.model, "config", None), "model_type", "") or ""
+            offset = next((g.norm_offset for g in groups_for(model_type) if g.prev.endswith("norm")), 0.0)
+            with torch.no_grad():
+                weight, scales, record = smooth_head(
+                    work, head, self.plan[head_name], absmax.values[head_name], opts, norm_offset=offset,
+                    inputs=None if sampler is None else sampler.samples().get(head_name), names=(norm_name, head_name),
+                    tied=any(e.tied_to == head_name for e in self.plan))
+        self.info_sq[f"{norm_name} -> {head_name}"] = {"layer": norm_name, "groups": [record]}
+        if weight is None:
+            return None
+        self.weights[head_name] = weight
+        tied = [e for e in self.plan if e.tied_to == head_name]
+        inverse = (1.0 / scales.double()).tolist()
+        for e in tied:  # the embedding shares the head's integers (W * s): its lookups are divided by s
+            self.plan_updates.append((e, inverse))
+        return work
+
+    def _run_tail(self) -> None:
+        name, layers = self.layers
+        slots, gptq_tail, extra_tail = self._tail_modules()
+        if not self.tail_needed:
+            return
+        target = self._head_smoothing_target()
+        if target is not None:
+            work_norm = self._smooth_head(target)
+            if work_norm is not None:
+                norm = target[3]
+                changed = [(p, w) for p, w in zip(list(norm.parameters()) + list(norm.buffers()),
+                                                  list(work_norm.parameters()) + list(work_norm.buffers()))
+                           if p.shape == w.shape and not torch.equal(p, w)]
+                self.pending.extend((p, w.detach()) for p, w in changed)
+                # the observers and Hessians of the tail must see the smoothed head input
+                saved = [p.detach().clone() for p, _ in changed]
+                try:
+                    with torch.no_grad():
+                        for p, w in changed:
+                            p.copy_(w)
+                    self._run_tail_stats(slots, gptq_tail, extra_tail)
+                finally:
+                    with torch.no_grad():
+                        for (p, _), old in zip(changed, saved):
+                            p.copy_(old)
+                return
+        self._run_tail_stats(slots, gptq_tail, extra_tail)
+
+    def _run_tail_stats(self, slots, gptq_tail, extra_tail) -> None:
+        if not (slots or gptq_tail or extra_tail):
+            return
+        modules = {n: self.model.get_submodule(n) for n in list(slots) + gptq_tail}
+        modules.update(extra_tail)
+        consumers: List[StatsHook] = list(self.extra_stats_hooks)
+        hessians = None
+        if gptq_tail:
+            hessians = HessianAccumulator(gptq_tail)
+            consumers.append(hessians)
+        self._tail_pass(modules, consumers, observe=True)
         for module_name in gptq_tail:
             self._gptq_tail_module(module_name, modules[module_name], hessians)
 
     def _gptq_tail_module(self, name: str, module: nn.Module, hessians: HessianAccumulator) -> None:
         entry = self.plan[name]
         with torch.no_grad():
-            weight = _weight_out_in(module).detach().float().clone()
+            if name in self.weights:  # smoothed by SmoothQuant (final norm -> LM head)
+                weight = self.weights[name].float().clone()
+            else:
+                weight = _weight_out_in(module).detach().float().clone()
             out = self.gptq(weight, hessians.hessian(name).clone(), dict(entry.weights), **dict(self.config.gptq))
         self.weights[name] = out.weight.detach()
         self.weight_qparams[name] = (out.scale, out.zero_point)
@@ -1224,6 +1341,9 @@ class _Engine:
             for target, value in self.pending:
                 target.copy_(value.to(device=target.device, dtype=target.dtype))
         self.pending = []
+        for entry, inverse in self.plan_updates:
+            entry.extra["embed_channel_scale"] = inverse
+        self.plan_updates = []
         for full, module in self.smoothed.items():
             self.weights[full] = _weight_out_in(module).detach()
         logger.info("hfptq calibration done in %.1f s (peak RSS %s)", seconds, _mib(peak))

@@ -794,7 +794,7 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
         if isinstance(module, QuantEmbedding):
             ids = torch.arange(module.num_embeddings, device=module.source.qweight.device)
             scale = module.embed_scale
-            module.embed_scale = None
+            module.embed_scale = getattr(module, "hfptq_channel_scale", None)  # undo a smoothed tied head's W * s
             weight = module(ids).to(dtype)
             module.embed_scale = scale
             emb = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,

@@ -38,6 +38,32 @@ def _drop_tied_keys(model: nn.Module, plan: Plan) -> None:
                 tied.pop(key)
 
 
+def embedding_scale(entry: Any) -> Any:
+    """What a quantized embedding multiplies its lookups by: ``embed_scale`` (Gemma's ``sqrt(hidden)``)
+    times ``embed_channel_scale``, the per-channel ``1 / s`` of an embedding tied to an LM head that
+    SmoothQuant smoothed (the shared integers hold ``W * s``). A float, a list, or ``None``.
+
+    Example:
+        >>> from hfptq.plan import ModuleSpec
+        >>> e = ModuleSpec(name="emb", kind="embedding", module_class="Embedding", precision="int8", in_features=2, out_features=4)
+        >>> e.extra.update(embed_scale=2.0, embed_channel_scale=[1.0, 0.5])
+        >>> embedding_scale(e)
+        [2.0, 1.0]
+    """
+    scalar = entry.extra.get("embed_scale")
+    channel = entry.extra.get("embed_channel_scale")
+    if channel is None:
+        return scalar
+    return [float(c) * (1.0 if scalar is None else float(scalar)) for c in channel]
+
+
+def _mark_channel_scale(module: nn.Module, entry: Any) -> None:
+    # remembered for dequantize_model, which rebuilds the plain (unscaled) embedding table
+    channel = entry.extra.get("embed_channel_scale")
+    if channel is not None:
+        module.hfptq_channel_scale = list(channel)
+
+
 @torch.no_grad()
 def convert_model(
     model: nn.Module,
@@ -82,7 +108,8 @@ def convert_model(
             module = model.get_submodule(entry.name)
             source = model.get_submodule(entry.tied_to)
             _set_module(model, entry.name, QuantEmbedding.from_float(
-                module, entry.weights, tied_to=source, embed_scale=entry.extra.get("embed_scale")))
+                module, entry.weights, tied_to=source, embed_scale=embedding_scale(entry)))
+            _mark_channel_scale(model.get_submodule(entry.name), entry)
     _drop_tied_keys(model, plan)
     return model
 
@@ -122,8 +149,9 @@ def build_skeleton(model: nn.Module, plan: Plan, *, fake: bool = False, compute_
             model_dtype = dtype or _module_dtype(old) or torch.float32
             _set_module(model, entry.name, QuantEmbedding(
                 entry.out_features, entry.in_features, padding_idx=entry.extra.get("padding_idx"),
-                embed_scale=entry.extra.get("embed_scale"), output_dtype=model_dtype,
+                embed_scale=embedding_scale(entry), output_dtype=model_dtype,
                 tied_to=model.get_submodule(entry.tied_to)))
+            _mark_channel_scale(model.get_submodule(entry.name), entry)
     _drop_tied_keys(model, plan)
     return model
 

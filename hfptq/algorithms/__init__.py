@@ -35,7 +35,8 @@ OPTION_DEFAULTS: Dict[str, Dict[str, Any]] = {
         "alpha_grid": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
         # the search also scores "no smoothing" and keeps the group unsmoothed when that is best
         "search_keeps_unsmoothed": True,
-        # which smoothing groups of the architecture table to apply (None = all of them)
+        # which smoothing groups of the architecture table to apply (None = all of them); "head" names
+        # the final norm -> LM head group (smoothed when the LM head is W8A8)
         "groups": None,
         # rows of cached layer input used by the alpha search
         "search_tokens": 512,

@@ -45,6 +45,9 @@ from . import validate_options
 
 logger = logging.getLogger(__name__)
 
+#: Rows of a consumer's weight scored by the alpha search (LM heads have one row per token).
+_SEARCH_MAX_ROWS = 16384
+
 __all__ = [
     "SMOOTH_TABLE",
     "InputSampler",
@@ -52,6 +55,7 @@ __all__ = [
     "collect_activation_stats",
     "find_decoder_layers",
     "groups_for",
+    "smooth_head",
     "smooth_layer",
     "smooth_model",
     "smoothing_scales",
@@ -132,7 +136,7 @@ def groups_for(model_type: str, options: Optional[Mapping[str, Any]] = None) -> 
     wanted = options.get("groups")
     if wanted is not None:
         known = {g.name for g in groups}
-        unknown = [w for w in wanted if w not in known]
+        unknown = [w for w in wanted if w not in known and w != "head"]  # "head": final norm -> LM head
         if unknown and groups:
             from ..errors import ConfigError
 
@@ -310,14 +314,26 @@ def _search_alpha(
     act_absmax: torch.Tensor,
     weight_absmax: torch.Tensor,
     opts: Mapping[str, Any],
+    extra_error: Optional[Any] = None,
 ) -> Tuple[Optional[float], Dict[str, float]]:
-    """Grid search of alpha minimising the summed relative output error of the W8A8 consumers."""
+    """Grid search of alpha minimising the summed relative output error of the W8A8 consumers.
+
+    ``extra_error(s)``, when given, is added to each candidate's score (the tied embedding's
+    relative error for an LM head, see :func:`smooth_head`).
+
+    Very tall weights (LM heads: one row per vocabulary entry) are scored on at most
+    :data:`_SEARCH_MAX_ROWS` evenly spaced rows: per-channel weight quantization treats each row on
+    its own and the error is relative to the output energy, so this estimates the same quantity.
+    """
     x = x.float()
     refs = []
     for module, entry in zip(consumers, entries):
         if not _is_w8a8(entry):
             continue
-        w = _weight2d(module).detach().float().to(x.device)
+        w = _weight2d(module).detach()
+        if w.shape[0] > _SEARCH_MAX_ROWS:
+            w = w[:: math.ceil(w.shape[0] / _SEARCH_MAX_ROWS)]
+        w = w.float().to(x.device)
         y = x @ w.t()
         refs.append((w, entry, y, y.pow(2).sum().clamp_min(1e-30)))
     candidates: List[Optional[float]] = list(opts["alpha_grid"])
@@ -341,6 +357,8 @@ def _search_alpha(
             xq = act_cache[key]
             wq = _fake_weight(w * s.view(1, -1), entry.weights)
             total += float((xq @ wq.t() - y).pow(2).sum() / energy)
+        if extra_error is not None:
+            total += float(extra_error(s))
         errors["none" if alpha is None else f"{alpha:g}"] = total
         if total < best_err - 1e-12:
             best, best_err = alpha, total
@@ -411,7 +429,8 @@ def _spread(a: torch.Tensor) -> float:
     return float(a.max() / med) if med > 0 else math.inf
 
 
-def _smooth_group(layer, layer_name, plan, absmax, opts, group: SmoothGroup, inputs) -> Dict[str, Any]:
+def _smooth_group(layer, layer_name, plan, absmax, opts, group: SmoothGroup, inputs,
+                  keep_scales: bool = False, extra_error: Optional[Any] = None) -> Dict[str, Any]:
     full = lambda path: f"{layer_name}.{path}" if layer_name else path  # noqa: E731
     record: Dict[str, Any] = {"group": group.name, "prev": full(group.prev),
                               "consumers": [full(c) for c in group.consumers]}
@@ -459,7 +478,7 @@ def _smooth_group(layer, layer_name, plan, absmax, opts, group: SmoothGroup, inp
             if sample.shape[0] > opts["search_tokens"]:
                 idx = torch.linspace(0, sample.shape[0] - 1, opts["search_tokens"]).round().long()
                 sample = sample[idx]
-            alpha, errors = _search_alpha(group, sample, consumers, entries, act, w_abs, opts)
+            alpha, errors = _search_alpha(group, sample, consumers, entries, act, w_abs, opts, extra_error)
             record["error"] = errors
             record["error_unsmoothed"] = errors.get("none")
             record["error_chosen"] = errors["none" if alpha is None else f"{alpha:g}"]
@@ -486,12 +505,92 @@ def _smooth_group(layer, layer_name, plan, absmax, opts, group: SmoothGroup, inp
             logger.warning("SmoothQuant: %s scales by %s, not as the table says; folded accordingly.",
                            record["prev"], "(1 + w)" if offset else "w")
     _scale_consumers(consumers, s)
+    if keep_scales:
+        record["scales"] = s
     record["status"] = "smoothed"
     record["scale_min"] = float(s.min())
     record["scale_max"] = float(s.max())
     record["act_range_before"] = _spread(act)
     record["act_range_after"] = _spread(act / s)
     return record
+
+
+def smooth_head(
+    norm: nn.Module,
+    head: nn.Module,
+    entry: Any,
+    act_absmax: torch.Tensor,
+    options: Optional[Mapping[str, Any]] = None,
+    *,
+    inputs: Optional[torch.Tensor] = None,
+    norm_offset: float = 0.0,
+    names: Tuple[str, str] = ("model.norm", "lm_head"),
+    tied: bool = False,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Dict[str, Any]]:
+    """SmoothQuant for the LM head: final norm -> ``lm_head``.
+
+    The LM head reads the final norm's output, which (like every norm output) has a few outlier
+    channels; with per-token INT8 activations they set each token's step size and the many small
+    channels lose their resolution (Gemma 3 270M: channel maxima up to 10x their median). The
+    factor ``s`` is folded into ``norm`` **in place** (``w' = w / s`` or ``(1 + w) / s - 1``,
+    verified numerically as for decoder layers), while the head's smoothed weight ``W * s`` is
+    *returned* instead of written: the head's weight is usually tied to the input embedding, which
+    must keep reading ``W`` (an embedding tied to the quantized head divides its lookups by ``s``,
+    see :func:`hfptq.convert.embedding_scale`).
+
+    Args:
+        norm: the final norm (its output must be exactly the head's input; the caller checks).
+        head: the LM head (float linear, left untouched).
+        entry: the head's plan entry (only a W8A8 head is smoothed).
+        act_absmax: per-channel ``max |x|`` of the head's input over the calibration data.
+        options: ``HfPtqConfig.smoothquant``.
+        inputs: sample rows of the head's input (for ``alpha="search"``).
+        norm_offset: first guess of the norm convention (``1.0`` for Gemma's ``1 + w``).
+        names: ``(norm name, head name)`` for the record.
+        tied: the head's integers are shared with the input embedding, whose lookups then read
+            ``Q(W * s) / s``. The alpha search adds that relative embedding error to the head's
+            output error (so it only smooths when the sum drops); with a fixed alpha a tied head
+            is smoothed only when ``options["groups"]`` names ``"head"``.
+
+    Returns:
+        ``(weight, scales, record)``: the smoothed float32 ``[out, in]`` weight and the factors
+        ``s`` ``[in]``, or ``(None, None, record)`` when the head was not smoothed
+        (``record["status"] == "skipped"`` with the reason; ``norm`` unchanged).
+
+    Example:
+        >>> weight, s, record = smooth_head(model.model.norm, model.lm_head, plan["lm_head"], absmax,
+        ...                              {"alpha": "search"}, inputs=rows, norm_offset=1.0)  # doctest: +SKIP
+    """
+    opts = validate_options("smoothquant", options)
+    w = _weight2d(head).detach()
+    extra_error = None
+    if tied:
+        if opts["alpha"] != "search" and "head" not in (opts["groups"] or ()):
+            return None, None, {"group": "head", "prev": names[0], "consumers": [names[1]], "status": "skipped",
+                                "reason": "the LM head is tied to the input embedding, which would share the smoothed "
+                                          "integers: smoothed only by the alpha search (it scores the embedding too) "
+                                          "or when smoothquant.groups names 'head'"}
+        rows = w[:: max(1, math.ceil(w.shape[0] / _SEARCH_MAX_ROWS))].float()
+        energy = rows.pow(2).sum().clamp_min(1e-30)
+
+        def extra_error(s: torch.Tensor) -> float:
+            # the embedding looks up rows of Q(W * s) and divides them by s
+            s = s.to(rows.device).view(1, -1)
+            return float((_fake_weight(rows * s, entry.weights) / s - rows).pow(2).sum() / energy)
+    holder = nn.Module()
+    holder.norm = norm
+    holder.lm_head = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    holder.lm_head.weight = nn.Parameter(w.float().clone(), requires_grad=False)  # the copy that gets scaled
+    group = SmoothGroup("head", "norm", ("lm_head",), norm_offset=norm_offset)
+    record = _smooth_group(holder, "", {"lm_head": entry}, {"lm_head": act_absmax}, opts, group,
+                           None if inputs is None else {"lm_head": inputs}, keep_scales=True,
+                           extra_error=extra_error)
+    record["prev"], record["consumers"] = names[0], [names[1]]
+    scales = record.pop("scales", None)
+    weight = holder.lm_head.weight.detach() if record.get("status") == "smoothed" else None
+    del holder
+    return weight, scales, record
+
 
 
 class InputSampler:

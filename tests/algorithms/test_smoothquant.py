@@ -2,6 +2,7 @@
 only W8A8 groups are touched, and smoothing lowers the W8A8 error when activations have outliers."""
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -253,3 +254,153 @@ def test_options_validation():
         validate_options("smoothquant", {"alpha": "auto"})
     with pytest.raises(ConfigError, match="Unknown algorithm"):
         validate_options("awq", {})
+
+
+# ------------------------------------------------------------------ final norm -> LM head
+
+
+HEAD_ONLY = dict(scheme={"attention": "skip", "ffn": "skip", "lm_head": "int8"})
+
+
+def _head_model(arch, outlier=30.0):
+    """A tiny model whose final norm (the LM head's input) has a few outlier channels, as real ones do."""
+    model = tiny_model(arch)
+    with torch.no_grad():
+        w = model.model.norm.weight
+        offset = 1.0 if arch.startswith("gemma") else 0.0
+        w[:2] = (w[:2] + offset) * outlier - offset
+    return model
+
+
+def _calib_ids():
+    return torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(3))
+
+
+def _hidden(model, batches):
+    """Final-norm outputs (the LM head's input): the base model's last hidden state is already normed."""
+    with torch.no_grad():
+        return torch.cat([model.model(input_ids=b).last_hidden_state for b in batches])
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "llama"])  # tied with a (1 + w) norm; untied with a w norm
+def test_head_smoothing_keeps_the_float_function(arch, token_batches):
+    from hfptq.calibration import calibrate
+
+    model = _head_model(arch)
+    head_weight = model.lm_head.weight.detach().clone()
+    embed_weight = model.model.embed_tokens.weight.detach().clone()
+    before = _logits(model, token_batches)
+    config = HfPtqConfig(**HEAD_ONLY, smoothquant={"alpha": 0.5, "groups": ["head"]})
+    plan = resolve_plan(model, config)
+    result = calibrate(model, plan, config, _calib_ids(), progress=False)
+    group = result.info["smoothquant"]["model.norm -> lm_head"]["groups"][0]
+    assert group["status"] == "smoothed" and group["scale_max"] > 2.0, group
+    assert group["folded_into"] == ("norm (1 + w)" if arch.startswith("gemma") else "norm (w)")
+    # the model's head (and the embedding tied to it) still hold W; the smoothed W * s travels in the result
+    assert torch.equal(model.lm_head.weight, head_weight) and torch.equal(model.model.embed_tokens.weight, embed_weight)
+    smoothed = result.weights["lm_head"]
+    after = _hidden(model, token_batches) @ smoothed.t()  # folded norm, then W * s
+    assert _rel(after, before) < 1e-4  # float32 round-off of the folded products only, as for the layers
+    emb = next(e for e in plan if e.kind == "embedding")
+    if model.config.tie_word_embeddings:
+        # the embedding shares the head's integers (of W * s): its lookups are multiplied by 1 / s
+        inverse = torch.tensor(emb.extra["embed_channel_scale"], dtype=torch.float32)
+        torch.testing.assert_close(smoothed * inverse, head_weight, rtol=1e-6, atol=1e-7)
+    else:
+        assert "embed_channel_scale" not in emb.extra
+
+
+def test_head_smoothing_lowers_lm_head_w8a8_error(token_batches):
+    model = _head_model("llama")  # untied: the embedding keeps its own float table
+    ref = _logits(model, token_batches)
+    errors = {}
+    for name, sq in (("rtn", None), ("smoothed", {"alpha": 0.5})):
+        out = _logits(hfptq_quantize(model, HfPtqConfig(**HEAD_ONLY, smoothquant=sq), _calib_ids()), token_batches)
+        errors[name] = float((out - ref).pow(2).sum() / ref.pow(2).sum())
+    # 30x outliers in two of 64 channels set every token's INT8 step; alpha=0.5 divides them by ~5 while the
+    # head's weight columns grow as much: the logit error must drop well below half (measured ~9x)
+    assert errors["smoothed"] < 0.5 * errors["rtn"], errors
+
+
+def test_tied_head_smoothing_accounts_for_the_embedding(token_batches):
+    from hfptq.calibration import calibrate
+
+    model = _head_model("gemma3_text")
+    # fixed alpha: the embedding would read Q(W * s) / s unscored, so a tied head is left alone ...
+    config = HfPtqConfig(**HEAD_ONLY, smoothquant={"alpha": 0.5})
+    result = calibrate(model, resolve_plan(model, config), config, _calib_ids(), progress=False)
+    group = result.info["smoothquant"]["model.norm -> lm_head"]["groups"][0]
+    assert group["status"] == "skipped" and "tied" in group["reason"] and "lm_head" not in result.weights
+    # ... the search scores head output error + embedding error and never picks worse than unsmoothed
+    config = HfPtqConfig(**HEAD_ONLY, smoothquant={"alpha": "search"})
+    result = calibrate(model, resolve_plan(model, config), config, _calib_ids(), progress=False)
+    group = result.info["smoothquant"]["model.norm -> lm_head"]["groups"][0]
+    assert group["error_chosen"] <= group["error"]["none"]
+    untied = copy.deepcopy(model)
+    untied.config.tie_word_embeddings = False
+    untied.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    result = calibrate(untied, resolve_plan(untied, config), config, _calib_ids(), progress=False)
+    plain = result.info["smoothquant"]["model.norm -> lm_head"]["groups"][0]
+    # the same head scored without the embedding term: every candidate scores lower (the RTN embedding error > 0)
+    assert all(plain["error"][k] < group["error"][k] for k in group["error"])
+
+
+def test_tied_embedding_lookup_error_stays_within_half_a_step(token_batches):
+    model = _head_model("gemma3_text")
+    ids = torch.cat(token_batches)
+    with torch.no_grad():
+        ref_emb = model.model.embed_tokens(ids)
+    q = hfptq_quantize(model, HfPtqConfig(**HEAD_ONLY, smoothquant={"alpha": 0.5, "groups": ["head"]}), _calib_ids())
+    inverse = torch.tensor(q.hfptq_plan["model.embed_tokens"].extra["embed_channel_scale"])
+    assert float(inverse.min()) < 0.5  # really smoothed
+    with torch.no_grad():
+        got = q.get_input_embeddings()(ids)
+    # each row holds int8 of W * s (step = max_j |W_ij s_j| / 127 of its row); a lookup divides channel j by
+    # s_j, so its error is at most half a step / s_j, times Gemma's sqrt(hidden) embedding scale
+    step = q.lm_head.weight_scale.float()[ids].reshape(*ids.shape, 1)
+    bound = 0.5 * step * inverse * float(model.model.embed_tokens.embed_scale) * (1 + 1e-5) + 1e-6
+    assert bool(((got - ref_emb).abs() <= bound).all())
+
+
+def hfptq_quantize(model, config, calib):
+    import hfptq
+
+    return hfptq.quantize_model(copy.deepcopy(model), config, calibration_data=calib, progress=False)
+
+
+def test_smoothed_tied_head_checkpoint_roundtrip_and_dequantize(token_batches, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _head_model("gemma3_text")
+    q = hfptq_quantize(model, HfPtqConfig(**HEAD_ONLY, smoothquant={"alpha": 0.5, "groups": ["head"]}, gptq={}),
+                       _calib_ids())
+    assert "embed_channel_scale" in q.hfptq_plan["model.embed_tokens"].extra
+    before = _logits(q, token_batches)
+    q.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()  # as tiny_model
+    assert torch.equal(_logits(again, token_batches), before)  # same integers, same per-channel lookup scale
+    ids = torch.cat(token_batches)
+    with torch.no_grad():
+        looked_up = q.get_input_embeddings()(ids)
+    plain = again.dequantize()
+    with torch.no_grad():
+        # the dequantized table is W (not W * s); Gemma's module scales it by sqrt(hidden) as before
+        table = plain.get_input_embeddings().weight[ids] * float(model.model.embed_tokens.embed_scale)
+    torch.testing.assert_close(table, looked_up, rtol=1e-5, atol=1e-6)
+
+
+def test_head_group_is_selectable(token_batches):
+    from hfptq.calibration import calibrate
+
+    assert [g.name for g in groups_for("llama", {"groups": ["head", "down"]})] == ["down"]  # "head" is not a layer group
+    for groups, smoothed in ((["qkv"], False), (["head"], True)):
+        model = _head_model("llama")
+        config = HfPtqConfig(**HEAD_ONLY, smoothquant={"alpha": 0.5, "groups": groups})
+        result = calibrate(model, resolve_plan(model, config), config, _calib_ids(), progress=False)
+        assert ("lm_head" in result.weights) is smoothed
+        assert any("->" in k for k in result.info["smoothquant"]) is smoothed
+    # a weight-only head gains nothing from a flatter activation range: not smoothed
+    model = _head_model("llama")
+    config = HfPtqConfig(**HEAD_ONLY, activations="none", smoothquant={"alpha": 0.5})
+    result = calibrate(model, resolve_plan(model, config), config, _calib_ids(), progress=False)
+    assert "lm_head" not in result.weights
