@@ -479,14 +479,74 @@ def cached_cast(owner: torch.nn.Module, slot: str, source: torch.Tensor, dtype: 
 
     Bit-identical to ``source.to(dtype)`` (see :func:`fast_cast`).
     """
+    return cached_derived(owner, slot, source, lambda t: fast_cast(t, dtype))
+
+
+def cached_derived(owner: torch.nn.Module, slot: str, source: torch.Tensor, make) -> torch.Tensor:
+    """``make(source)``, computed once and reused while ``source`` is unchanged (see :func:`cached_cast`)."""
     key = tensor_key(source)
     entry = owner.__dict__.get(slot)
     if key is not None and entry is not None and entry[0] == key:
         return entry[2]
-    converted = fast_cast(source, dtype)
+    derived = make(source)
     if key is not None and source.device.type != "meta":
-        owner.__dict__[slot] = (key, source.detach(), converted)
-    return converted
+        owner.__dict__[slot] = (key, source.detach(), derived)
+    return derived
+
+
+# ------------------------------------------------------------------------------------------------
+# Prepacked bfloat16 linear (oneDNN) for FP16-storage modules on CPU
+# ------------------------------------------------------------------------------------------------
+
+
+def _packed_ops():
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    reorder = getattr(mkldnn, "_reorder_linear_weight", None) if mkldnn is not None else None
+    linear = getattr(mkldnn, "_linear_pointwise", None) if mkldnn is not None else None
+    return reorder, linear
+
+
+@functools.lru_cache(maxsize=None)
+def packed_bf16_linear_available() -> bool:
+    """Whether oneDNN's prepacked bfloat16 linear runs here **and gives ``F.linear``'s numbers**.
+
+    ``F.linear`` on bfloat16 CPU tensors already runs a oneDNN matmul; packing the weight once in
+    oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, what Inductor's weight
+    freezing uses) skips the per-call reorder, about 1.7x faster for one token (decode) and the
+    same for long prompts on x86 with AVX512-BF16. It is used only if a probe over several shapes
+    (one row, a few rows, many rows; with and without bias) returns bit-identical outputs to
+    ``F.linear``; otherwise (another CPU, another oneDNN, ops missing) the plain path runs.
+    """
+    reorder, linear = _packed_ops()
+    if reorder is None or linear is None or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for k, n, rows in ((96, 80, (1, 3, 64)), (640, 256, (1, 7, 130))):
+            w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+            b = torch.randn(n, generator=gen).to(torch.bfloat16)
+            packed = reorder(w, 1)
+            for m in rows:
+                x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+                for bias in (None, b):
+                    if not torch.equal(linear(x, packed, bias, "none", [], ""), F.linear(x, w, bias)):
+                        logger.debug("prepacked bfloat16 linear differs from F.linear here; not used")
+                        return False
+        return True
+    except Exception:  # pragma: no cover - depends on the build
+        return False
+
+
+def packed_bf16_weight(weight_bf16: torch.Tensor) -> torch.Tensor:
+    """The bfloat16 ``[out, in]`` weight in oneDNN's blocked layout (for :func:`packed_bf16_linear`)."""
+    reorder, _ = _packed_ops()
+    return reorder(weight_bf16, 1)
+
+
+def packed_bf16_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for bfloat16 ``x`` with ``packed = packed_bf16_weight(W)``."""
+    _, linear = _packed_ops()
+    return linear(x, packed, bias, "none", [], "")
 
 
 def clear_cached(owner: torch.nn.Module, slot: str) -> None:

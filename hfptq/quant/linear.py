@@ -37,11 +37,15 @@ from torch import nn
 from ..errors import CalibrationError
 from .kernels import (
     cached_cast,
+    cached_derived,
     clear_cached,
     dequant_linear_tiled,
     fast_cast,
     fast_path_enabled,
     int8_matmul,
+    packed_bf16_linear,
+    packed_bf16_linear_available,
+    packed_bf16_weight,
     prepared_input,
     quantize_fast,
     quantize_per_token_fast,
@@ -376,7 +380,7 @@ class FloatLinear(nn.Module):
 
     #: Keep the compute-dtype copy of the weight between calls (see the class docstring).
     cache_compute_weight: bool = True
-    _CACHE_SLOTS = ("_hfptq_weight_cache", "_hfptq_bias_cache")
+    _CACHE_SLOTS = ("_hfptq_weight_cache", "_hfptq_bias_cache", "_hfptq_packed_cache")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
                  storage_dtype: torch.dtype = torch.float16, compute_dtype: str = "auto",
@@ -424,6 +428,15 @@ class FloatLinear(nn.Module):
             bias = None if self.bias is None else self.bias.to(cd)
             return F.linear(x.to(cd), self.weight.to(cd), bias).to(x.dtype)
         w, bias = self.weight, self.bias
+        xc = x if x.dtype == cd else prepared_input(("cast", cd), x, lambda t: t.to(cd))
+        if (cd == torch.bfloat16 and self.cache_compute_weight and x.device.type == "cpu"
+                and packed_bf16_linear_available()):
+            # oneDNN's prepacked layout: F.linear's numbers (checked by the probe), no reorder per call
+            packed = cached_derived(self, "_hfptq_packed_cache", w,
+                                    lambda t: packed_bf16_weight(fast_cast(t, torch.bfloat16)))
+            bias = None if bias is None else cached_cast(self, "_hfptq_bias_cache", bias, cd)
+            y = packed_bf16_linear(xc, packed, bias)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         if cd != w.dtype:
             if self.cache_compute_weight:
                 w = cached_cast(self, "_hfptq_weight_cache", w, cd)
@@ -431,7 +444,6 @@ class FloatLinear(nn.Module):
             else:
                 w = fast_cast(w, cd)
                 bias = None if bias is None else fast_cast(bias, cd)
-        xc = x if x.dtype == cd else prepared_input(("cast", cd), x, lambda t: t.to(cd))
         y = F.linear(xc, w, bias)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 

@@ -308,7 +308,10 @@ def test_float_linear_cached_equals_reference(rows, dtype, bias):
         with reference_math():
             ref = f(x)
     assert torch.equal(first, ref) and torch.equal(second, ref)
-    assert "_hfptq_weight_cache" in f.__dict__  # cached on CPU (bfloat16 compute != float16 storage)
+    # cached on CPU (bfloat16 compute != float16 storage): oneDNN's packed layout where it gives F.linear's
+    # numbers, else a plain bfloat16 copy
+    slot = "_hfptq_packed_cache" if kernels.packed_bf16_linear_available() else "_hfptq_weight_cache"
+    assert slot in f.__dict__
 
 
 def test_float_linear_without_cache_equals_reference(monkeypatch):
@@ -354,11 +357,11 @@ def test_float_linear_cache_is_not_state_and_is_dropped_on_copy():
     assert set(f.state_dict()) == {"weight", "bias"}
     assert all(t.dtype == torch.float16 for t in f.buffers())
     for clone in (copy.deepcopy(f), pickle.loads(pickle.dumps(f))):
-        assert "_hfptq_weight_cache" not in clone.__dict__
+        assert not set(FloatLinear._CACHE_SLOTS) & set(clone.__dict__)
         with torch.no_grad():
             assert torch.equal(clone(x), y)
     f.clear_cache()
-    assert "_hfptq_weight_cache" not in f.__dict__
+    assert not set(FloatLinear._CACHE_SLOTS) & set(f.__dict__)
 
 
 def test_cached_cast_skips_tensors_without_version_counter():
@@ -559,3 +562,34 @@ def test_prepared_input_keeps_one_slot_per_thread():
         t.join()
     assert seen[0] is not seen[1]          # nothing leaks between threads
     kernels.clear_prepared_input()
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
+@pytest.mark.parametrize("rows", [1, 3, 130])
+def test_float_linear_packed_and_plain_paths_give_the_reference(packed, rows, monkeypatch):
+    """Both CPU paths of FP16 storage / bfloat16 compute give F.linear's numbers; the probe decides."""
+    if packed and not kernels.packed_bf16_linear_available():
+        pytest.skip("oneDNN's prepacked bfloat16 linear is not exact (or missing) on this machine")
+    monkeypatch.setattr("hfptq.quant.linear.packed_bf16_linear_available", lambda: packed)
+    f = FloatLinear.from_float(_linear(), torch.float16)
+    x = _x(rows, 96, seed=rows)
+    with torch.no_grad():
+        y = f(x)
+        with reference_math():
+            ref = f(x)
+    assert torch.equal(y, ref)
+    assert ("_hfptq_packed_cache" in f.__dict__) == packed
+    assert ("_hfptq_weight_cache" in f.__dict__) == (not packed)
+
+
+def test_packed_probe_refuses_a_linear_that_differs(monkeypatch):
+    kernels.packed_bf16_linear_available.cache_clear()
+    try:
+        reorder, linear = kernels._packed_ops()
+        if reorder is None or linear is None:
+            pytest.skip("no oneDNN linear ops in this build")
+        monkeypatch.setattr(kernels, "_packed_ops",
+                            lambda: (reorder, lambda x, w, b, *a: linear(x, w, b, *a) + 1))
+        assert kernels.packed_bf16_linear_available() is False
+    finally:
+        kernels.packed_bf16_linear_available.cache_clear()
