@@ -1162,7 +1162,7 @@ class _Engine:
                 weight, scales, record = smooth_head(
                     work, head, self.plan[head_name], absmax.values[head_name], opts, norm_offset=offset,
                     inputs=None if sampler is None else sampler.samples().get(head_name), names=(norm_name, head_name),
-                    tied=any(e.tied_to == head_name for e in self.plan))
+                    tied=any(e.tied_to == head_name for e in self.plan), gptq=head_name in self.gptq_names)
         self.info_sq[f"{norm_name} -> {head_name}"] = {"layer": norm_name, "groups": [record]}
         if weight is None:
             return None

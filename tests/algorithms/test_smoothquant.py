@@ -343,6 +343,14 @@ def test_tied_head_smoothing_accounts_for_the_embedding(token_batches):
     plain = result.info["smoothquant"]["model.norm -> lm_head"]["groups"][0]
     # the same head scored without the embedding term: every candidate scores lower (the RTN embedding error > 0)
     assert all(plain["error"][k] < group["error"][k] for k in group["error"])
+    # with GPTQ on the head the shared embedding's error outweighed the gain on Gemma: opt-in only
+    config = HfPtqConfig(**HEAD_ONLY, smoothquant={"alpha": "search"}, gptq={})
+    result = calibrate(model, resolve_plan(model, config), config, _calib_ids(), progress=False)
+    group = result.info["smoothquant"]["model.norm -> lm_head"]["groups"][0]
+    assert group["status"] == "skipped" and "GPTQ" in group["reason"]
+    config = HfPtqConfig(**HEAD_ONLY, smoothquant={"alpha": "search", "groups": ["head"]}, gptq={})
+    result = calibrate(model, resolve_plan(model, config), config, _calib_ids(), progress=False)
+    assert "error" in result.info["smoothquant"]["model.norm -> lm_head"]["groups"][0]
 
 
 def test_tied_embedding_lookup_error_stays_within_half_a_step(token_batches):
@@ -404,3 +412,31 @@ def test_head_group_is_selectable(token_batches):
     config = HfPtqConfig(**HEAD_ONLY, activations="none", smoothquant={"alpha": 0.5})
     result = calibrate(model, resolve_plan(model, config), config, _calib_ids(), progress=False)
     assert "lm_head" not in result.weights
+
+
+def test_alpha_search_scores_tall_weights_on_evenly_spaced_rows(monkeypatch):
+    """LM heads have one row per token: the search scores at most _SEARCH_MAX_ROWS of them. With each row
+    repeated k times the subsample is exactly the distinct rows, and the relative error (error / energy, both
+    k times larger on the full matrix) is the same: subsampled, full and distinct-rows scores agree."""
+    from hfptq.algorithms import smoothquant as sq
+
+    gen = torch.Generator().manual_seed(0)
+    w0 = torch.randn(8, 16, generator=gen)
+    x = torch.randn(64, 16, generator=gen) * torch.logspace(0, 1.5, 16)
+    entry = SimpleNamespace(quantized=True, activations={"mode": "dynamic", "symmetric": False},
+                            weights={"bits": 8, "symmetric": True, "granularity": "channel"})
+    opts = validate_options("smoothquant", {"alpha": "search"})
+    group = sq.SmoothGroup("head", "norm", ("lm_head",))
+
+    def scores(weight):
+        lin = nn.Linear(16, weight.shape[0], bias=False)
+        lin.weight.data = weight.clone()
+        return sq._search_alpha(group, x, [lin], [entry], x.abs().amax(0), weight.abs().amax(0), opts)[1]
+
+    full = scores(w0.repeat_interleave(4, 0))
+    distinct = scores(w0)
+    monkeypatch.setattr(sq, "_SEARCH_MAX_ROWS", 8)
+    sub = scores(w0.repeat_interleave(4, 0))
+    for key in full:
+        assert sub[key] == pytest.approx(distinct[key], rel=1e-6)
+        assert full[key] == pytest.approx(distinct[key], rel=1e-4)  # float32 sums over 4x the rows
