@@ -194,7 +194,8 @@ def run_model(name: str, args, on_row: Optional[Callable[[Dict[str, Any]], None]
         seconds = time.perf_counter() - started
         info = getattr(quantized, "hfptq_calibration", None) or {}
         result = {**ppl(quantized), "quantize_seconds": seconds, "mib": model_bytes(quantized) / 2**20,
-                  "algorithms": info.get("algorithms")}
+                  "algorithms": info.get("algorithms"), "calibration_seconds": info.get("seconds"),
+                  "calibration_peak_rss_mib": (info.get("peak_rss_bytes") or 0) / 2**20 or None}
         out["rows"][row] = result
         if on_row is not None:
             on_row(out)
