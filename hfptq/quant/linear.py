@@ -335,10 +335,7 @@ class QuantLinear(nn.Module):
             xq = quantize_fast(x.reshape(-1, k), xs, xz, self.act_bits, self.act_symmetric)
         w = self.int_weight()
         acc = int8_matmul(xq, w)
-        if xz is not None and self.weight_zero_point is None and acc.device.type == "cpu":
-            # the common asymmetric-activation case in one exact integer pass: acc -= zx (x) rowsum(W)
-            acc.addr_(xz.reshape(-1).expand(acc.shape[0]), self._weight_rowsum_for(w), alpha=-1)
-        elif xz is not None or self.weight_zero_point is not None:
+        if xz is not None or self.weight_zero_point is not None:
             rowsum = self._weight_rowsum_for(w) if xz is not None else None
             acc = subtract_zero_point_terms(acc, xq, xz, w, self.weight_zero_point, rowsum)
         y = rescale_int32(acc, xs, self.weight_scale.reshape(1, -1), self.bias, x.dtype)
