@@ -472,6 +472,15 @@ def test_cuda_float_and_weight_only_modules(rows):
 # ------------------------------------------------------------------------------------------------
 
 
+def _count_per_token_quantizations(monkeypatch) -> list:
+    """A list that grows by one each time a W8A8 module quantizes its input per token."""
+    calls: list = []
+    real = kernels.quantize_per_token_fast
+    monkeypatch.setattr("hfptq.quant.linear.quantize_per_token_fast",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 def _siblings(acts: str = "dynamic-asym"):
     """Three W8A8 projections of one input, like q/k/v or gate/up."""
     return [_quant(_linear(96, out_f, seed=i), W8, acts) for i, out_f in enumerate((80, 32, 48))]
@@ -482,10 +491,7 @@ def test_siblings_on_one_input_give_each_module_its_reference_output(acts, monke
     """Sharing the quantized input changes no number, and the input is quantized once."""
     mods = _siblings(acts)
     x = _x(2, 5, 96, seed=3)
-    calls = []
-    real = kernels.quantize_per_token_fast
-    monkeypatch.setattr("hfptq.quant.linear.quantize_per_token_fast",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_per_token_quantizations(monkeypatch)
     kernels.clear_prepared_input()
     with torch.no_grad():
         fast = [m(x) for m in mods]
@@ -499,10 +505,7 @@ def test_siblings_on_one_input_give_each_module_its_reference_output(acts, monke
 def test_prepared_input_is_recomputed_after_an_in_place_write_or_for_a_new_tensor(monkeypatch):
     mods = _siblings()
     x = _x(4, 96, seed=4)
-    calls = []
-    real = kernels.quantize_per_token_fast
-    monkeypatch.setattr("hfptq.quant.linear.quantize_per_token_fast",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_per_token_quantizations(monkeypatch)
     kernels.clear_prepared_input()
     with torch.no_grad():
         mods[0](x)
@@ -524,10 +527,7 @@ def test_prepared_input_distinguishes_settings_and_skips_inference_tensors(monke
         out = (sym(x), asym(x))
         with reference_math():
             assert torch.equal(out[0], sym(x)) and torch.equal(out[1], asym(x))
-    calls = []
-    real = kernels.quantize_per_token_fast
-    monkeypatch.setattr("hfptq.quant.linear.quantize_per_token_fast",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_per_token_quantizations(monkeypatch)
     with torch.inference_mode():
         xi = _x(3, 96, seed=5)
         a, b = asym(xi), asym(xi)
