@@ -50,6 +50,13 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 OBSERVERS = ("minmax", "percentile", "entropy", "mse")
 _RESULT_PREFIX = "HFPTQ_BENCH_RESULT "
+# variant = "<observer>[+modifier...][@bf16]"; "@bf16" loads the model in bfloat16
+_MODS = {
+    "down_dynamic": "down_proj dynamic",
+    "sq": "SmoothQuant",
+    "gptq": "GPTQ",
+    "fp32calib": "calibration in float32",
+}
 
 
 def _model_path() -> str:
@@ -128,16 +135,21 @@ def _worker(args) -> Dict[str, Any]:
             tensor.sum()
     out: Dict[str, Any] = {"variant": args.worker}
     if variant != "float":
-        observer, _, variant = variant.partition("+")
+        observer, *mods = variant.split("+")
+        unknown = set(mods) - set(_MODS)
+        if unknown:
+            raise SystemExit(f"unknown variant modifier(s) {sorted(unknown)}; choose from {list(_MODS)}")
         calibration = dict(dataset="wikitext", config="wikitext-2-raw-v1", split="validation", text_column="text",
-                           num_samples=args.samples, seq_len=args.seq_len, batch_size=8, observer=observer)
+                           num_samples=args.samples, seq_len=args.seq_len, batch_size=8, observer=observer,
+                           dtype="model" if "fp32calib" in mods else args.calib_dtype)
         if observer == "percentile":
             calibration["percentile"] = args.percentile
         rules = None
-        if variant == "down_dynamic":
+        if "down_dynamic" in mods:
             rules = [{"targets": "down_proj", "precision": "int8", "activations": "dynamic"}]
         config = hfptq.HfPtqConfig(activations="static", scheme={"lm_head": "skip"}, calibration=calibration,
-                                   rules=rules)
+                                   rules=rules, smoothquant={"alpha": "search"} if "sq" in mods else None,
+                                   gptq={"block_size": 128, "damp": 0.01} if "gptq" in mods else None)
         ids = calibration_batches(config.calibration, tokenizer, progress=False)
         out["rss_before_calibration"] = _rss()
         load_before = os.getloadavg()[0]
@@ -153,6 +165,7 @@ def _worker(args) -> Dict[str, Any]:
         out["estimated_memory"] = info["estimated_memory_bytes"]
         out["scheme"] = info["activation_scheme"]
         out["engine"] = info["engine"]
+        out["compute_dtype"] = info.get("compute_dtype")
         down = [m for n, m in info["modules"].items() if n.endswith("down_proj")]
         if down:
             out["down_proj_clip_ratio_mean"] = sum(
@@ -166,7 +179,7 @@ def _run_worker(variant: str, args) -> Dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", variant,
                "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--windows", str(args.windows),
                "--eval-seq-len", str(args.eval_seq_len), "--threads", str(args.threads),
-               "--percentile", str(args.percentile)]
+               "--percentile", str(args.percentile), "--calib-dtype", args.calib_dtype]
     print(f"# running {variant} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "HFPTQ_DATA_DIR": str(_data_dir()), "PYTHONPATH": str(REPO)})
@@ -174,6 +187,13 @@ def _run_worker(variant: str, args) -> Dict[str, Any]:
         if line.startswith(_RESULT_PREFIX):
             return json.loads(line[len(_RESULT_PREFIX):])
     raise SystemExit(f"{variant} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def _variant_words(variant: str) -> str:
+    name, _, model_dtype = variant.partition("@")
+    observer, *mods = name.split("+")
+    words = observer + "".join(f", {_MODS.get(m, m)}" for m in mods)
+    return words + (" (model in bf16)" if model_dtype else "")
 
 
 def _mib(n: Optional[float]) -> str:
@@ -191,16 +211,16 @@ def _table(rows: List[Dict[str, Any]], float_ppl: float, args) -> str:
         "CPU s: process CPU time of the calibration call, all threads summed (on an idle machine the wall time "
         "is about CPU s / threads).",
         "",
-        "| observer | ppl | vs float | calibration s | CPU s | peak RSS in calib. | RSS before calib. "
-        "| down_proj clip / max | load avg |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| float | {float_ppl:.3f} | - | - | - | - | - | - | - |",
+        "| observer | calibration computes in | ppl | vs float | calibration s | CPU s | peak RSS in calib. "
+        "| RSS before calib. | down_proj clip / max | load avg |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| float | - | {float_ppl:.3f} | - | - | - | - | - | - | - |",
     ]
     for r in rows:
         rel = (r["ppl"] / float_ppl - 1) * 100
         clip = r.get("down_proj_clip_ratio_mean")
         lines.append(
-            f"| {r['variant'].replace('+down_dynamic', ' (down_proj dynamic)').replace('@bf16', ' (bf16)')} | {r['ppl']:.3f} | {rel:+.2f}% | "
+            f"| {_variant_words(r['variant'])} | {r.get('compute_dtype') or '-'} | {r['ppl']:.3f} | {rel:+.2f}% | "
             f"{r['calibration_seconds']:.1f} | "
             f"{'n/a' if r.get('quantize_cpu_seconds') is None else format(r['quantize_cpu_seconds'], '.1f')} | "
             f"{_mib(r['peak_rss'])} | {_mib(r['rss_before_calibration'])} | "
@@ -218,6 +238,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--percentile", type=float, default=99.99)
     parser.add_argument("--observers", nargs="+", default=list(OBSERVERS), choices=OBSERVERS)
+    parser.add_argument("--calib-dtype", default="auto", choices=["auto", "model", "bfloat16"],
+                        help="calibration.dtype of every row (auto: bf16 autocast on a CPU with native bf16)")
+    parser.add_argument("--variants", nargs="*", default=None,
+                        help="extra rows, e.g. percentile+sq percentile+fp32calib (modifiers: " + ", ".join(_MODS) + ")")
     parser.add_argument("--no-diagnostic", action="store_true", help="skip the down_proj-dynamic row")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 rows")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
@@ -245,6 +269,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     best = min(rows, key=lambda r: r["ppl"])["variant"]
     if not args.no_diagnostic:
         rows.append(_run_worker(f"{best}+down_dynamic", args))
+    for variant in args.variants or []:
+        rows.append(_run_worker(variant, args))
     print(_table(rows, float_row["ppl"], args))
     bf16 = None
     if not args.no_bf16:

@@ -72,6 +72,7 @@ CALIBRATION_FIELDS = {
     "averaging_constant": (float, None),
     "bins": (int, None),
     "sequential": (bool, None),
+    "dtype": (str, ("auto", "model", "bfloat16")),
 }
 RULE_FIELDS = ("targets", "precision", "weights", "activations", "name")
 

@@ -139,8 +139,22 @@ def _load_float(path):
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+def _calibration_compute(model, config):
+    """The autocast context calibration runs its forwards in (bfloat16 on a CPU with native bf16, by default)."""
+    from contextlib import nullcontext
+
+    from hfptq.calibration import resolve_calibration_dtype
+
+    dtype = resolve_calibration_dtype((config.calibration or {}).get("dtype", "auto"), torch.float32,
+                                      torch.device("cpu"))
+    return nullcontext() if dtype is None else torch.autocast("cpu", dtype=dtype)
+
+
 def _reference_qparams(model, plan, config, ids):
-    """Independent reference: whole-model forwards on a float model, hooks capture each static input."""
+    """Independent reference: whole-model forwards on a float model, hooks capture each static input.
+
+    The forwards run in the same compute dtype as calibration (``calibration.dtype``).
+    """
     observers = {}
     for entry in plan:
         if entry.quantized and (entry.activations or {}).get("mode") == "static":
@@ -151,7 +165,7 @@ def _reference_qparams(model, plan, config, ids):
         for name in observers
     ]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _calibration_compute(model, config):
             for start in range(0, ids.shape[0], BATCH):
                 model(input_ids=ids[start:start + BATCH], use_cache=False)
     finally:
@@ -511,7 +525,7 @@ def test_extra_stats_hooks_hessian_and_absmax(model_dirs):
     calibrate(model, plan, config, ids, progress=False, extra_stats_hooks=[hess, absmax])
     captured = []
     handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: captured.append(a[0].reshape(-1, 64)))
-    with torch.no_grad():
+    with torch.no_grad(), _calibration_compute(model, config):
         for start in range(0, NUM_SAMPLES, BATCH):
             model(input_ids=ids[start:start + BATCH], use_cache=False)
     handle.remove()
@@ -697,3 +711,55 @@ def test_gemma_static_ffn_w8a8_perplexity(gemma, monkeypatch):
     assert results["static"] < float_ppl * 1.50, (float_ppl, results)
     assert results["down_dynamic"] < float_ppl * 1.10, (float_ppl, results)
     assert results["down_dynamic"] < results["static"], (float_ppl, results)
+
+
+# ------------------------------------------------------------------------------------------------
+# Compute dtype of the calibration forwards (calibration.dtype)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_calibration_dtype_resolution(monkeypatch):
+    from hfptq import calibration as calib_mod
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(calib_mod, "cpu_has_fast_bf16", lambda: True)
+    assert calib_mod.resolve_calibration_dtype("auto", torch.float32, cpu) == torch.bfloat16
+    assert calib_mod.resolve_calibration_dtype("auto", torch.float32, cuda) is None  # GPUs: the model's dtype
+    assert calib_mod.resolve_calibration_dtype("auto", torch.float16, cpu) is None
+    assert calib_mod.resolve_calibration_dtype("auto", torch.bfloat16, cpu) is None  # already bf16
+    assert calib_mod.resolve_calibration_dtype("model", torch.float32, cpu) is None
+    assert calib_mod.resolve_calibration_dtype("bfloat16", torch.float32, cuda) == torch.bfloat16
+    monkeypatch.setattr(calib_mod, "cpu_has_fast_bf16", lambda: False)
+    assert calib_mod.resolve_calibration_dtype("auto", torch.float32, cpu) is None  # no native bf16: stay fp32
+    assert calib_mod.resolve_calibration_dtype("bfloat16", torch.float32, cpu) == torch.bfloat16
+    with pytest.raises(ConfigError, match="calibration.dtype"):
+        hfptq.HfPtqConfig(activations="static", calibration=dict(dataset="wikitext", dtype="float16"))
+
+
+def test_bfloat16_calibration_close_to_float32(model_dirs, text_file, tokenizer):
+    """bf16 autocast changes the scales by bf16 rounding only; linears see bf16 where autocast produced it."""
+    scales, dtypes, infos = {}, {}, {}
+    for setting in ("model", "bfloat16"):
+        spec = _spec(text_file, observer="minmax", dtype=setting)
+        config = hfptq.HfPtqConfig(activations="static", calibration=spec, scheme={"attention": "int8"})
+        model = _load_float(model_dirs["llama"])
+        plan = resolve_plan(model, config)
+        ids = calibration_batches(spec, tokenizer, progress=False)
+        seen = []
+        down = model.get_submodule("model.layers.1.mlp.down_proj")
+        handle = down.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+        try:
+            result = calibrate(model, plan, config, ids, progress=False)
+        finally:
+            handle.remove()
+        scales[setting] = {n: float(s) for n, (s, _) in result.input_qparams.items()}
+        dtypes[setting], infos[setting] = set(seen), result.info["compute_dtype"]
+    assert dtypes == {"model": {torch.float32}, "bfloat16": {torch.bfloat16}}  # act(gate) * up under autocast
+    assert infos == {"model": "float32", "bfloat16": "bfloat16 (autocast)"}
+    assert set(scales["model"]) == set(scales["bfloat16"]) and len(scales["model"]) > 10
+    differ = 0
+    for name, ref in scales["model"].items():
+        # bf16 keeps 8 significant bits per product, and the error compounds over 3 layers: a few %
+        assert scales["bfloat16"][name] == pytest.approx(ref, rel=0.05), name
+        differ += scales["bfloat16"][name] != ref
+    assert differ > 0  # the autocast really ran
