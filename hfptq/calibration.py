@@ -77,6 +77,7 @@ from tqdm.auto import tqdm
 from .config import OBSERVER_NAMES, HfPtqConfig
 from .errors import CalibrationError, ConfigError
 from .plan import ModuleSpec, Plan, is_quantizable_linear
+from .quant.kernels import cpu_has_fast_bf16
 from .quant.observers import Observer, make_observer
 from .quant.qparams import qrange
 
@@ -380,14 +381,6 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
         if tensor.is_floating_point():
             return tensor.dtype
     return torch.float32
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (oneDNN's AVX512-BF16/AMX kernels)."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def resolve_calibration_dtype(setting: str, model_dtype: torch.dtype, device: torch.device) -> Optional[torch.dtype]:
@@ -739,6 +732,12 @@ class _Engine:
     # -------------------------------------------------------------------- helpers
     def _ids(self, start: int, end: int) -> torch.Tensor:
         return self.batches[start:end].to(device=self.input_device, dtype=torch.long)
+
+    def _compute_words(self) -> str:
+        """The calibration compute dtype in words (``"bfloat16 (autocast)"``, ``"float32"``)."""
+        if self.autocast_dtype is not None:
+            return f"{str(self.autocast_dtype).replace('torch.', '')} (autocast)"
+        return str(_model_dtype(self.model)).replace("torch.", "")
 
     def _compute(self):
         """Context of every calibration forward: bfloat16 autocast when ``calibration.dtype`` asks for it."""
@@ -1297,8 +1296,7 @@ class _Engine:
         self._announce(
             f"hfptq calibration: {self.num_samples} samples x {self.seq_len} tokens in {n_batches} batches of "
             f"{self.batch_size}; {len(self.slots)} static modules (observer: {', '.join(observers) or 'none'}); "
-            f"computing in {'bfloat16 (autocast)' if self.autocast_dtype is not None else _model_dtype(self.model)}; "
-            f"estimated memory {estimate.describe()}".replace("torch.", "")
+            f"computing in {self._compute_words()}; estimated memory {estimate.describe()}"
         )
         was_training = self.model.training
         self.model.eval()
@@ -1363,8 +1361,7 @@ class _Engine:
             "observer": observers[0] if len(observers) == 1 else (observers or None),
             "activation_scheme": (next(iter(schemes)) if len(schemes) == 1 else
                                   "; ".join(f"{w} for {c} modules" for w, c in schemes.items()) or None),
-            "compute_dtype": str(self.autocast_dtype or _model_dtype(self.model)).replace("torch.", "")
-            + (" (autocast)" if self.autocast_dtype is not None else ""),
+            "compute_dtype": self._compute_words(),
             "seconds": round(seconds, 3),
             "peak_rss_bytes": peak,
             "rss_before_bytes": rss_before,

@@ -499,6 +499,14 @@ def cached_derived(owner: torch.nn.Module, slot: str, source: torch.Tensor, make
 # ------------------------------------------------------------------------------------------------
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (oneDNN's AVX512-BF16/AMX kernels)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _packed_ops():
     mkldnn = getattr(torch.ops, "mkldnn", None)
     reorder = getattr(mkldnn, "_reorder_linear_weight", None) if mkldnn is not None else None
