@@ -9,7 +9,8 @@ What is measured
 * Calibration: WikiText-2 raw **validation** (``../shared/data/wikitext-2-raw/wiki.valid.raw``
   through ``dataset="wikitext", config="wikitext-2-raw-v1", split="validation"`` with
   ``HFPTQ_DATA_DIR``), ``--samples`` x ``--seq-len`` tokens (default 128 x 512), batch size 8,
-  sequential layer-by-layer engine.
+  sequential layer-by-layer engine, ``calibration.dtype=--calib-dtype`` (default ``auto``: bf16
+  autocast on a CPU with native bf16; the column "calibration computes in" says what ran).
 * Evaluation: perplexity on WikiText-2 raw **test** (Hub rows joined with ``"\\n\\n"``,
   :func:`hfptq.data.load_text_corpus`), the first ``--windows`` non-overlapping windows of
   ``--eval-seq-len`` positions (BOS + 511 tokens; default 40 windows = 20,440 scored tokens),
@@ -20,14 +21,18 @@ What is measured
   model, every weight paged in).
 * One diagnostic row: the best observer with ``down_proj`` kept dynamic per-token (a rule), to
   show how much of the loss comes from the per-tensor scale of ``down_proj``'s outlier-heavy input.
-* A second table: the best observer with the model loaded in bfloat16 (Gemma 3's native dtype),
-  against the bfloat16 float model. Calibration computes in the model's dtype, and bf16 matmuls
-  are about 3x faster than fp32 on this CPU (AVX512-BF16), so this is the fast path.
+* ``--variants``: extra rows named ``<observer>+<modifier>...``, modifiers ``down_dynamic``,
+  ``sq`` (SmoothQuant, alpha searched), ``gptq`` and ``fp32calib`` (``calibration.dtype="model"``,
+  the float32 control of the bf16 autocast).
+* A second table (unless ``--no-bf16``): the best observer with the model loaded in bfloat16
+  (Gemma 3's native dtype), against the bfloat16 float model.
 
 Run (the machine is shared; threads default to 2)::
 
     python benchmarks/calibration_observers.py
+    python benchmarks/calibration_observers.py --no-bf16 --variants percentile+fp32calib percentile+sq+gptq
     python benchmarks/calibration_observers.py --samples 16 --seq-len 256 --windows 4   # quick check
+    python benchmarks/calibration_observers.py --render results/calibration-observers.json   # reprint
 
 Prints one Markdown table; ``--json PATH`` also writes the raw numbers.
 """
