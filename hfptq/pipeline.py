@@ -292,7 +292,8 @@ def run_recipe(
                                samples=c.get("num_samples"), seq_len=c.get("seq_len"), observer=c.get("observer"),
                                activations=config.activations["mode"],
                                **{k: v for k, v in calib_info.items() if k in ("seconds", "peak_rss_bytes",
-                                                                             "estimated_memory_bytes")})
+                                                                             "estimated_memory_bytes",
+                                                                             "compute_dtype")})
     else:
         report.set_calibration(activations=config.activations["mode"])
     for algo in calib_info.get("algorithms", []) if isinstance(calib_info, dict) else []:

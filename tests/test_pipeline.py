@@ -32,6 +32,9 @@ def test_run_recipe_tiny_llama_writes_report_and_reloadable_checkpoint(tiny_llam
     assert report["perplexity"]["float"] > 1 and report["perplexity"]["quantized"] > 1
     assert "piqa" in report["accuracy"]
     assert report["calibration"]["activations"].startswith("static")
+    # the report says what the calibration forwards computed in (bf16 autocast on a CPU with native bf16)
+    assert report["calibration"]["compute_dtype"] in ("bfloat16 (autocast)", "float32")
+    assert report["calibration"]["compute_dtype"] == result.quantized_model.hfptq_calibration["compute_dtype"]
     assert report["size"]["quantized_bytes"] < report["size"]["float_bytes"]
     assert {r["module"] for r in report["layer_errors"]} == {
         e.name for e in result.quantized_model.hfptq_plan if e.precision != "skip" and e.kind != "embedding"}
