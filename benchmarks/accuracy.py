@@ -15,19 +15,28 @@ What is measured
 
   ================  ==========================================================================
   default RTN       attention FP16, FFN + LM head W8A8 dynamic per-token, round-to-nearest
+  default SQ        the same plan, SmoothQuant only (alpha searched per group)
   default SQ+GPTQ   the same plan, SmoothQuant (alpha searched per group, final norm -> LM head
                     included) + GPTQ
   ... fp32          the same with ``compute_dtype="float32"``: the FP16-stored attention computes in
                     float32 instead of the CPU default bfloat16 (a control: on 32 windows the bf16
                     compute is within noise of float32)
   all W8A8 RTN      every linear W8A8 dynamic, round-to-nearest
+  all W8A8 SQ      every linear W8A8 dynamic, SmoothQuant (search) only
   all W8A8 SQ+GPTQ  every linear W8A8 dynamic, SmoothQuant (search) + GPTQ
+  default SQ+rot... the default plan with SmoothQuant (search) on q/k/v, gate/up and the head, and
+                    ``down_proj``'s input rotated in Hadamard blocks of 128 (``activations.rotation``)
   static FFN        FFN W8A8 static per-tensor (percentile 99.99, the best observer of
                     ``calibration_observers.py``), LM head dynamic, SmoothQuant + GPTQ
+  static FFN rot... FFN W8A8 static per-tensor with every FFN input rotated in Hadamard blocks of 128
+                    (percentile 99.99; 99.999 for ``down_proj``), LM head dynamic + SmoothQuant
   INT4 RTN          attention + FFN INT4 weight-only, asymmetric (16 levels + zero point), groups of
                     128 (SmolLM2: 64, since 576 is not a multiple of 128), MSE-searched clipping of each
                     group's range (``observer="mse"``), LM head INT8 weight-only, round-to-nearest
+  INT4 AWQ          INT4 RTN after activation-aware scaling (``smoothquant={"alpha": "search"}`` on a
+                    weight-only plan: ``s = mean|x|**alpha``, alpha searched per group, AWQ-style)
   INT4 GPTQ         the same with GPTQ (act-order, static groups)
+  INT4 AWQ+GPTQ     activation-aware scaling, then GPTQ (act-order, static groups)
   auto +0.3%        :func:`hfptq.algorithms.autoprecision.search` from "all W8A8 SQ+GPTQ" with a
                     +0.3 % perplexity budget: searched on ``--search-windows`` windows from the
                     *second* half of the validation rows, verified on the test windows above
@@ -61,15 +70,20 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 GOALS = {  # row -> maximum perplexity increase in %, from the issue
+    "default SQ": 0.5,
     "default SQ+GPTQ": 0.5,
+    "default SQ+rotation": 0.5,
     "default SQ+GPTQ fp32": 0.5,
     "all W8A8 SQ+GPTQ": 1.0,
     "static FFN SQ+GPTQ": 1.5,
+    "static FFN rotation": 1.5,
     "INT4 GPTQ": 5.0,
+    "INT4 AWQ+GPTQ": 5.0,
     "auto +0.3%": 0.3,
 }
-ROWS = ("default RTN", "default SQ+GPTQ", "default SQ+GPTQ fp32", "all W8A8 RTN", "all W8A8 SQ+GPTQ", "static FFN SQ+GPTQ", "INT4 RTN",
-        "INT4 GPTQ", "auto +0.3%")
+ROWS = ("default RTN", "default SQ", "default SQ+GPTQ", "default SQ+GPTQ fp32", "default SQ+rotation", "all W8A8 RTN",
+        "all W8A8 SQ", "all W8A8 SQ+GPTQ", "static FFN SQ+GPTQ", "static FFN rotation",
+        "INT4 RTN", "INT4 AWQ", "INT4 GPTQ", "INT4 AWQ+GPTQ", "auto +0.3%")
 
 
 def _model_path(name: str) -> str:
@@ -115,20 +129,35 @@ def _configs(model_type: str, calibration: Dict[str, Any], group: int) -> Dict[s
                 rules=[{"targets": ["kind:attention", "kind:ffn"], "precision": "int4",
                         "weights": {"granularity": "group", "group_size": group, "symmetric": False,
                                     "observer": "mse"}}])
+    down_rot = {"targets": ["down_proj"], "precision": "int8", "activations": {"mode": "dynamic", "rotation": 128}}
+    static = dict(activations="static", smoothquant=sq,
+                  calibration={**calibration, "observer": "percentile", "percentile": 99.99})
+    static_rot = [{"targets": ["kind:lm_head"], "precision": "int8", "activations": "dynamic"},
+                  {"targets": ["gate_proj", "up_proj"], "precision": "int8",
+                   "activations": {"mode": "static", "rotation": 128}},
+                  {"targets": ["down_proj"], "precision": "int8",
+                   "activations": {"mode": "static", "rotation": 128, "percentile": 99.999}}]
     return {
         "default RTN": lambda: HfPtqConfig(),
+        "default SQ": lambda: HfPtqConfig(smoothquant=sq, calibration=calibration),
         "default SQ+GPTQ": lambda: HfPtqConfig(smoothquant=sq, gptq=gptq, calibration=calibration),
         "default SQ+GPTQ fp32": lambda: HfPtqConfig(smoothquant=sq, gptq=gptq, calibration=calibration,
                                                     compute_dtype="float32"),
+        "default SQ+rotation": lambda: HfPtqConfig(smoothquant=sq, rules=[down_rot], calibration=calibration),
         "all W8A8 RTN": lambda: HfPtqConfig(scheme={"attention": "int8"}),
+        "all W8A8 SQ": lambda: HfPtqConfig(scheme={"attention": "int8"}, smoothquant=sq, calibration=calibration),
         "all W8A8 SQ+GPTQ": lambda: HfPtqConfig(scheme={"attention": "int8"}, smoothquant=sq, gptq=gptq,
                                                 calibration=calibration),
         "static FFN SQ+GPTQ": lambda: HfPtqConfig(
             activations="static", smoothquant=sq, gptq=gptq,
             calibration={**calibration, "observer": "percentile", "percentile": 99.99},
             rules=[{"targets": ["kind:lm_head"], "precision": "int8", "activations": "dynamic"}]),
+        "static FFN rotation": lambda: HfPtqConfig(**static, rules=static_rot),
         "INT4 RTN": lambda: HfPtqConfig(**int4, calibration=calibration),
+        "INT4 AWQ": lambda: HfPtqConfig(**int4, smoothquant=sq, calibration=calibration),
         "INT4 GPTQ": lambda: HfPtqConfig(**int4, gptq={**gptq, "act_order": True}, calibration=calibration),
+        "INT4 AWQ+GPTQ": lambda: HfPtqConfig(**int4, smoothquant=sq, gptq={**gptq, "act_order": True},
+                                             calibration=calibration),
     }
 
 
@@ -136,11 +165,13 @@ def _algorithms_text(algorithms: Optional[List[Dict[str, Any]]]) -> str:
     parts = []
     for a in algorithms or []:
         if a["name"] == "smoothquant":
-            text = f"SQ {a['groups_smoothed']} groups"
+            aware = a.get("groups_activation_aware") or 0
+            text = (f"activation-aware scaling {aware} groups" if aware == a["groups_smoothed"] and aware
+                    else f"SQ {a['groups_smoothed']} groups")
             if a.get("alpha_mean") is not None:
                 text += f" (alpha~{a['alpha_mean']:.2f})"
             if a.get("search_error_unsmoothed"):
-                text += f", W8A8 group error -{(1 - a['search_error_chosen'] / a['search_error_unsmoothed']):.0%}"
+                text += f", simulated group error -{(1 - a['search_error_chosen'] / a['search_error_unsmoothed']):.0%}"
             parts.append(text)
         elif a["name"] == "gptq":
             text = f"GPTQ {a['modules']} modules"

@@ -22,7 +22,8 @@ What is measured
 * One diagnostic row: the best observer with ``down_proj`` kept dynamic per-token (a rule), to
   show how much of the loss comes from the per-tensor scale of ``down_proj``'s outlier-heavy input.
 * ``--variants``: extra rows named ``<observer>+<modifier>...``, modifiers ``down_dynamic``,
-  ``sq`` (SmoothQuant, alpha searched), ``gptq`` and ``fp32calib`` (``calibration.dtype="model"``,
+  ``sq`` (SmoothQuant, alpha searched), ``gptq``, ``rot`` (every FFN input rotated in Hadamard blocks
+  of 128, ``activations.rotation``) and ``fp32calib`` (``calibration.dtype="model"``,
   the float32 control of the bf16 autocast).
 * A second table (unless ``--no-bf16``): the best observer with the model loaded in bfloat16
   (Gemma 3's native dtype), against the bfloat16 float model.
@@ -61,6 +62,7 @@ _MODS = {
     "sq": "SmoothQuant",
     "gptq": "GPTQ",
     "fp32calib": "calibration in float32",
+    "rot": "FFN inputs rotated (Hadamard 128)",
 }
 
 
@@ -149,9 +151,14 @@ def _worker(args) -> Dict[str, Any]:
                            dtype="model" if "fp32calib" in mods else args.calib_dtype)
         if observer == "percentile":
             calibration["percentile"] = args.percentile
-        rules = None
+        rules = []
         if "down_dynamic" in mods:
-            rules = [{"targets": "down_proj", "precision": "int8", "activations": "dynamic"}]
+            rules.append({"targets": "down_proj", "precision": "int8", "activations": "dynamic"})
+        if "rot" in mods:
+            # every FFN input rotated in Hadamard blocks of 128 before its static per-tensor quantization
+            rules.append({"targets": ["gate_proj", "up_proj", "down_proj"], "precision": "int8",
+                          "activations": {"mode": "static", "rotation": 128}})
+        rules = rules or None
         config = hfptq.HfPtqConfig(activations="static", scheme={"lm_head": "skip"}, calibration=calibration,
                                    rules=rules, smoothquant={"alpha": "search"} if "sq" in mods else None,
                                    gptq={"block_size": 128, "damp": 0.01} if "gptq" in mods else None)

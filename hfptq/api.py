@@ -76,6 +76,32 @@ def quantize_model(
     bytes_before = model_bytes(model)
     logger.info(plan.summary())
     result = None
+    from .quant.rotation import fold_input_rotations, undo_input_rotations
+
+    # modules with activations.rotation: W -> W H and the input rotated by a hook, exact in float, so that
+    # calibration observes (and conversion quantizes) the rotated problem; the hooks go with the float modules
+    rotated = fold_input_rotations(model, plan)
+    try:
+        result = _calibrate_and_convert(model, plan, config, tokenizer, calibration_data, progress)
+    except BaseException:
+        undo_input_rotations(rotated)  # nothing half-applied: the float model is as it was
+        raise
+    del rotated  # the float originals
+    config.plan = plan.to_dict()
+    attach_plan(model, plan)
+    if hasattr(model, "config"):
+        from .checkpoint import mark_quantized
+
+        mark_quantized(model, config, plan)  # saveable as an hfptq checkpoint, also when quantized by hand
+    model.hfptq_bytes_before = bytes_before
+    model.hfptq_calibration = getattr(result, "info", None)
+    model.hfptq_seconds = time.perf_counter() - started
+    return model
+
+
+def _calibrate_and_convert(model: nn.Module, plan: Plan, config: HfPtqConfig, tokenizer: Any,
+                           calibration_data: Optional[torch.Tensor], progress: bool) -> Any:
+    result = None
     if needs_calibration(config, plan):
         from .calibration import calibrate
 
@@ -95,16 +121,7 @@ def quantize_model(
         input_qparams=getattr(result, "input_qparams", None), weights=getattr(result, "weights", None),
         weight_qparams=getattr(result, "weight_qparams", None), progress=progress,
     )
-    config.plan = plan.to_dict()
-    attach_plan(model, plan)
-    if hasattr(model, "config"):
-        from .checkpoint import mark_quantized
-
-        mark_quantized(model, config, plan)  # saveable as an hfptq checkpoint, also when quantized by hand
-    model.hfptq_bytes_before = bytes_before
-    model.hfptq_calibration = getattr(result, "info", None)
-    model.hfptq_seconds = time.perf_counter() - started
-    return model
+    return result
 
 
 def attach_plan(model: nn.Module, plan: Plan) -> None:

@@ -1019,9 +1019,10 @@ class _Engine:
                     self._layer_pass(index, work, write=False, desc=desc)
                 with torch.no_grad():
                     stats = {k: v.clone() for k, v in absmax.values.items()}
+                    observers = {e.name: observer_settings(e, self.config) for e in entries if _is_static(e)}
                     info = self.smoothquant(work, f"{name}.{index}", self.plan, stats, dict(self.config.smoothquant),
                                             getattr(self.model, "config", None),
-                                            inputs=None if sampler is None else sampler.samples())
+                                            inputs=None if sampler is None else sampler.samples(), observers=observers)
                 self.info_sq[f"{name}.{index}"] = info
             consumers: List[StatsHook] = list(self.extra_stats_hooks)
             hessians = None

@@ -784,6 +784,10 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
     for name, module in list(model.named_modules()):
         if isinstance(module, (QuantLinear, FloatLinear)):
             weight = module.dequantized_weight(dtype) if isinstance(module, QuantLinear) else module.weight.to(dtype)
+            if getattr(module, "input_rotation", 0):
+                from .quant.rotation import rotate
+
+                weight = rotate(weight.float(), module.input_rotation).to(dtype)  # W H H = W: undo the fold
             lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype,
                             device=weight.device)
             lin.weight.data.copy_(weight)

@@ -51,6 +51,8 @@ ACTIVATION_FIELDS = {
     "percentile": (float, None),
     "averaging_constant": (float, None),
     "bins": (int, None),
+    # block size (a power of two) of an online Hadamard rotation of the input, folded into the weight
+    "rotation": (int, None),
 }
 CALIBRATION_FIELDS = {
     "dataset": None,  # str | datasets.Dataset
@@ -166,7 +168,21 @@ def normalize_activation_args(values: Union[None, str, Mapping[str, Any]], secti
         out = default_activation_args(mode)
     out.update(values)
     if mode == "none":
+        if values.get("rotation"):
+            raise ConfigError(
+                f"{section}.rotation={values['rotation']!r} with mode='none': the input rotation serves INT8 "
+                "activations; use mode='dynamic' or 'static', or drop rotation."
+            )
         return {"mode": "none"}
+    rotation = out.get("rotation")
+    if rotation is not None and rotation != 0:
+        from .quant.rotation import check_block
+
+        if not check_block(rotation):
+            raise ConfigError(
+                f"{section}.rotation={rotation!r} is not a power of two >= 2: it is the block size of the input's "
+                "Hadamard rotation, e.g. 128 (it must also divide the module's in_features)."
+            )
     if out.get("bits", 8) != 8:
         raise ConfigError(f"{section}.bits={out['bits']} is not supported: activations are quantized to 8 bits.")
     if mode == "dynamic" and out.get("granularity") != "token":
@@ -264,7 +280,9 @@ class HfPtqConfig(QuantizationConfigMixin):
             fields apply to ``int4`` modules.
         activations: ``"dynamic"`` (per-token scales computed at run time, W8A8 with integer matmul),
             ``"static"`` (per-tensor scales frozen by calibration), ``"none"`` (weight-only), or a
-            mapping with ``mode`` and ``symmetric``/``granularity``/``observer``/``percentile``...
+            mapping with ``mode`` and ``symmetric``/``granularity``/``observer``/``percentile``...;
+            ``rotation`` (a power of two, e.g. 128) rotates the input in Hadamard blocks of that
+            size before quantizing it, folded into the weight (see :mod:`hfptq.quant.rotation`).
         scheme: precision per module kind (``attention``, ``ffn``, ``lm_head``, ``embedding``,
             ``other``); defaults to attention FP16, FFN + LM head INT8.
         rules: ordered list of ``{"targets": [...], "precision": ..., "weights": {...},

@@ -139,7 +139,8 @@ class ModuleSpec:
             acts = self.activations or {"mode": "none"}
             if acts["mode"] == "none":
                 return f"int{bits} weight-only ({gran}{sym})"
-            return f"W{bits}A8 {acts['mode']}/{acts['granularity']} ({gran}{sym})"
+            rot = f", input rotated in blocks of {acts['rotation']}" if acts.get("rotation") else ""
+            return f"W{bits}A8 {acts['mode']}/{acts['granularity']} ({gran}{sym}{rot})"
         if self.precision == "skip":
             return "unchanged"
         return f"{self.precision} storage"
@@ -482,6 +483,12 @@ def _validate_quant_spec(spec: ModuleSpec, config: HfPtqConfig) -> None:
         raise PlanError(
             f"{spec.source}: {spec.name!r} has an odd in_features={spec.in_features}; int4 packs two values per byte "
             f"along in_features. Keep this module in int8 (a rule {{'targets': [{spec.name!r}], 'precision': 'int8'}})."
+        )
+    block = int(a.get("rotation") or 0) if a["mode"] != "none" else 0
+    if block and spec.in_features % block:
+        raise PlanError(
+            f"{spec.source}: activations.rotation={block} does not divide {spec.name!r}'s in_features="
+            f"{spec.in_features}; use a power of two that divides it, or a rule without rotation for this module."
         )
     if a["mode"] != "none" and config.mode == "real":
         if w["granularity"] == "group":

@@ -537,7 +537,7 @@ def test_extra_stats_hooks_hessian_and_absmax(model_dirs):
 
 
 def _fake_smoothquant(calls):
-    def smooth_layer(layer, layer_name, plan, absmax, options, model_config, inputs=None):
+    def smooth_layer(layer, layer_name, plan, absmax, options, model_config, inputs=None, observers=None):
         calls.append((layer_name, sorted(absmax)))
         with torch.no_grad():  # function-preserving fold: norm x2, gate/up weights /2
             layer.post_attention_layernorm.weight.mul_(2.0)

@@ -31,7 +31,9 @@ def test_run_recipe_tiny_llama_writes_report_and_reloadable_checkpoint(tiny_llam
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["perplexity"]["float"] > 1 and report["perplexity"]["quantized"] > 1
     assert "piqa" in report["accuracy"]
-    assert report["calibration"]["activations"].startswith("static")
+    assert report["calibration"]["activations"].startswith("dynamic")  # the default recipe: W8A8 dynamic
+    assert [a["name"] for a in report["algorithms"]] == ["smoothquant"]
+    assert "rotated in blocks of 128" in (tmp_path / "report" / "report.md").read_text()  # down_proj's input
     # the report says what the calibration forwards computed in (bf16 autocast on a CPU with native bf16)
     assert report["calibration"]["compute_dtype"] in ("bfloat16 (autocast)", "float32")
     assert report["calibration"]["compute_dtype"] == result.quantized_model.hfptq_calibration["compute_dtype"]
@@ -64,7 +66,8 @@ def test_bert_recipe_on_tiny_classifier(tmp_path):
 
 @pytest.mark.real_model
 @needs_data
-@pytest.mark.parametrize("name", ["default", "w8a8-all-linear", "int8-weight-only", "int4-g128", "smollm2-135m"])
+@pytest.mark.parametrize("name", ["default", "static-ffn", "w8a8-all-linear", "int8-weight-only", "int4-g128",
+                                  "smollm2-135m"])
 def test_builtin_recipe_runs_on_real_model(name, tmp_path):
     recipe = load_recipe(find_recipe(name))
     result = run_recipe(recipe, data_dir=str(DATA), output_dir=str(tmp_path), quick=True, progress=False,

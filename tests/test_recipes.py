@@ -13,7 +13,8 @@ RECIPES = sorted(builtin_recipes_dir().glob("*.yaml"))
 
 def test_builtin_recipes_exist():
     names = {p.stem for p in RECIPES}
-    assert {"default", "w8a8-all-linear", "int8-weight-only", "int4-g128", "smollm2-135m", "bert-ag-news"} <= names
+    assert {"default", "static-ffn", "w8a8-all-linear", "int8-weight-only", "int4-g128", "smollm2-135m",
+            "bert-ag-news"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -82,5 +83,6 @@ def test_saved_recipe_is_plain_yaml(tmp_path):
     recipe = load_recipe(find_recipe("default"))
     out = recipe.save(tmp_path / "copy.yaml")
     data = yaml.safe_load(out.read_text())
-    assert data["quantization"]["activations"] == "static"
+    assert data["quantization"]["activations"] == "dynamic"
+    assert data["quantization"]["rules"][0]["activations"] == {"mode": "dynamic", "rotation": 128}
     assert load_recipe(out).to_config().to_dict() == recipe.to_config().to_dict()

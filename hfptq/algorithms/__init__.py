@@ -38,6 +38,10 @@ OPTION_DEFAULTS: Dict[str, Dict[str, Any]] = {
         # which smoothing groups of the architecture table to apply (None = all of them); "head" names
         # the final norm -> LM head group (smoothed when the LM head is W8A8)
         "groups": None,
+        # groups whose consumers are all weight-only integer (INT4): activation-aware scaling
+        # s = mean|x| ** alpha (AWQ), alpha searched on weight_only_grid; only with alpha="search"
+        "weight_only": True,
+        "weight_only_grid": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
         # rows of cached layer input used by the alpha search
         "search_tokens": 512,
         # clamp of the smoothing factors (guards channels that are dead in the calibration data)
@@ -124,6 +128,12 @@ def _validate_smoothquant(name: str, out: Dict[str, Any]) -> None:
     if not isinstance(grid, (list, tuple)) or not grid:
         raise _type_error(name, "alpha_grid", "a non-empty list of numbers in [0, 1]", grid)
     out["alpha_grid"] = [_check_alpha(name, "alpha_grid", a) for a in grid]
+    if not isinstance(out["weight_only"], bool):
+        raise _type_error(name, "weight_only", "a bool", out["weight_only"])
+    wgrid = out["weight_only_grid"]
+    if not isinstance(wgrid, (list, tuple)) or not wgrid:
+        raise _type_error(name, "weight_only_grid", "a non-empty list of numbers in [0, 1]", wgrid)
+    out["weight_only_grid"] = [_check_alpha(name, "weight_only_grid", a) for a in wgrid]
     if not isinstance(out["search_keeps_unsmoothed"], bool):
         raise _type_error(name, "search_keeps_unsmoothed", "a bool", out["search_keeps_unsmoothed"])
     out["search_tokens"] = _positive_int(name, "search_tokens", out["search_tokens"])

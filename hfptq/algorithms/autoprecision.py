@@ -597,6 +597,12 @@ def search(
             tok = AutoTokenizer.from_pretrained(str(tok))
         calib_ids = calibration_batches(base_config.calibration, _load_tokenizer(float_model, base_config, tok),
                                         progress=progress)
+    rotated = [e.name for e in base_plan if e.quantized and (e.activations or {}).get("rotation")]
+    if rotated:
+        raise ConfigError(
+            f"auto precision does not support activations.rotation yet (set on {rotated[:3]}"
+            f"{' ...' if len(rotated) > 3 else ''}): search without rotation, then add it to the resulting rules."
+        )
     work = copy.deepcopy(float_model)
     calib = None
     if needs_calibration(search_config, base_plan):

@@ -21,8 +21,13 @@ fold into a norm is also verified numerically on a probe input (the norm output 
 exactly ``output / s``), with the other offset convention tried when the first one fails, so a
 wrong table entry cannot silently corrupt a model.
 
-Only groups whose consumers are W8A8 in the plan are smoothed: weight-only modules gain nothing
-from a flatter activation range and only see their weights' range grow.
+Groups whose consumers are W8A8 in the plan are smoothed as above. Groups whose consumers are all
+*weight-only* integer (INT4 groups, say) gain nothing from a flatter activation range; with
+``alpha="search"`` they get activation-aware scaling instead (the AWQ recipe, Lin et al. 2023):
+``s_j = mean|X_j| ** alpha``, which enlarges the weight columns that meet large activations so
+their rounding error shrinks relative to what they contribute, with alpha searched on
+``weight_only_grid`` against the group's simulated output error (and "no scaling" always among the
+candidates). ``weight_only=False`` turns that off.
 
 Example:
     >>> absmax, samples = collect_activation_stats(model, names, batches)      # doctest: +SKIP
@@ -52,6 +57,7 @@ __all__ = [
     "SMOOTH_TABLE",
     "InputSampler",
     "SmoothGroup",
+    "activation_aware_scales",
     "collect_activation_stats",
     "find_decoder_layers",
     "groups_for",
@@ -177,6 +183,33 @@ def smoothing_scales(
     return s.clamp(min_scale, max_scale)
 
 
+def activation_aware_scales(
+    act_mean: torch.Tensor,
+    alpha: float,
+    min_scale: float = 1e-5,
+    max_scale: float = 1e5,
+) -> torch.Tensor:
+    """Activation-aware factors for weight-only groups: ``s_j = mean|X_j| ** alpha``, normalised.
+
+    Channels that meet large activations get their weight columns enlarged (``W * s``), so their
+    share of the group's rounding error shrinks. The factors are divided by
+    ``sqrt(max(s) * min(s))`` so they straddle 1 (a common factor would change nothing under
+    per-group scales). Dead channels (mean 0) keep ``s_j = 1``.
+
+    Example:
+        >>> activation_aware_scales(torch.tensor([4.0, 1.0, 0.0]), 0.5)
+        tensor([1.4142, 0.7071, 1.0000])
+    """
+    a = act_mean.detach().float()
+    live = (a > 0) & torch.isfinite(a)
+    s = torch.ones_like(a)
+    if not bool(live.any()):
+        return s
+    v = a[live].pow(alpha)
+    s[live] = v / (v.max() * v.min()).sqrt()
+    return s.clamp(min_scale, max_scale)
+
+
 def _weight2d(module: nn.Module) -> torch.Tensor:
     weight = module.weight
     if type(module).__name__ == "Conv1D":
@@ -190,13 +223,23 @@ def _fake_weight(weight: torch.Tensor, args: Mapping[str, Any]) -> torch.Tensor:
     return dequantize_weight(q, scale, zp)
 
 
-def _fake_act(x: torch.Tensor, args: Mapping[str, Any], absmax_scaled: torch.Tensor) -> torch.Tensor:
+def _fake_act(x: torch.Tensor, args: Mapping[str, Any], absmax_scaled: torch.Tensor,
+              observer: Optional[Mapping[str, Any]] = None) -> torch.Tensor:
     mode = args.get("mode", "none")
     symmetric = bool(args.get("symmetric", True))
     if mode == "dynamic":
         q, scale, zp = quantize_per_token(x, 8, symmetric)
         return dequantize(q, scale, zp)
     if mode == "static":
+        if observer is not None and observer.get("observer", "minmax") != "minmax":
+            # the module's own observer (percentile, entropy, MSE) on the sample rows: the search then
+            # scores the clipped range static quantization will really use, not the raw maximum
+            from ..quant.observers import make_observer
+
+            obs = make_observer(observer["observer"], **{k: v for k, v in observer.items() if k != "observer"})
+            obs.observe(x)
+            scale, zp = obs.compute_qparams()
+            return dequantize(quantize(x, scale, zp, int(observer.get("bits", 8)), symmetric), scale, zp)
         if symmetric:
             # exactly the per-tensor range a min/max observer would freeze over the calibration set
             top = absmax_scaled.max()
@@ -315,8 +358,17 @@ def _search_alpha(
     weight_absmax: torch.Tensor,
     opts: Mapping[str, Any],
     extra_error: Optional[Any] = None,
+    scales_for: Optional[Any] = None,
+    grid: Optional[Sequence[float]] = None,
+    observers: Optional[Sequence[Optional[Mapping[str, Any]]]] = None,
 ) -> Tuple[Optional[float], Dict[str, float]]:
-    """Grid search of alpha minimising the summed relative output error of the W8A8 consumers.
+    """Grid search of alpha minimising the summed relative output error of the quantized consumers.
+
+    ``scales_for(alpha)`` gives the candidate factors (default :func:`smoothing_scales` of the
+    activation and weight maxima) and ``grid`` the alphas (default ``opts["alpha_grid"]``); the
+    weight-only (activation-aware) search passes its own. ``observers`` (one per consumer, or
+    ``None``) are the observer settings of static consumers: their simulated activation range
+    comes from that observer run on the sample rows (default: the min/max of the statistics).
 
     ``extra_error(s)``, when given, is added to each candidate's score (the tied embedding's
     relative error for an LM head, see :func:`smooth_head`).
@@ -327,16 +379,17 @@ def _search_alpha(
     """
     x = x.float()
     refs = []
-    for module, entry in zip(consumers, entries):
-        if not _is_w8a8(entry):
+    observers = list(observers) if observers is not None else [None] * len(consumers)
+    for module, entry, observer in zip(consumers, entries, observers):
+        if entry is None or not entry.quantized:
             continue
         w = _weight2d(module).detach()
         if w.shape[0] > _SEARCH_MAX_ROWS:
             w = w[:: math.ceil(w.shape[0] / _SEARCH_MAX_ROWS)]
         w = w.float().to(x.device)
         y = x @ w.t()
-        refs.append((w, entry, y, y.pow(2).sum().clamp_min(1e-30)))
-    candidates: List[Optional[float]] = list(opts["alpha_grid"])
+        refs.append((w, entry, observer, y, y.pow(2).sum().clamp_min(1e-30)))
+    candidates: List[Optional[float]] = list(opts["alpha_grid"] if grid is None else grid)
     if opts["search_keeps_unsmoothed"]:
         candidates.insert(0, None)
     errors: Dict[str, float] = {}
@@ -344,16 +397,18 @@ def _search_alpha(
     for alpha in candidates:
         if alpha is None:
             s = torch.ones_like(act_absmax, dtype=torch.float32)
+        elif scales_for is not None:
+            s = scales_for(alpha)
         else:
             s = smoothing_scales(act_absmax, weight_absmax, alpha, opts["min_scale"], opts["max_scale"])
         s = s.to(x.device)
         total = 0.0
         xs = x / s
         act_cache: Dict[str, torch.Tensor] = {}  # q/k/v share one input and usually one activation scheme
-        for w, entry, y, energy in refs:
-            key = repr(sorted((entry.activations or {}).items()))
+        for w, entry, observer, y, energy in refs:
+            key = repr((sorted((entry.activations or {}).items()), sorted((observer or {}).items())))
             if key not in act_cache:
-                act_cache[key] = _fake_act(xs, entry.activations, act_absmax.to(x.device) / s)
+                act_cache[key] = _fake_act(xs, entry.activations, act_absmax.to(x.device) / s, observer)
             xq = act_cache[key]
             wq = _fake_weight(w * s.view(1, -1), entry.weights)
             total += float((xq @ wq.t() - y).pow(2).sum() / energy)
@@ -374,6 +429,7 @@ def smooth_layer(
     model_config: Any,
     *,
     inputs: Optional[Mapping[str, torch.Tensor]] = None,
+    observers: Optional[Mapping[str, Mapping[str, Any]]] = None,
 ) -> Dict[str, Any]:
     """Smooth the W8A8 groups of one decoder layer in place.
 
@@ -390,6 +446,9 @@ def smooth_layer(
         model_config: the model's config (its ``model_type`` selects the table).
         inputs: sample rows ``[n, in_features]`` of each consumer's input (only needed for
             ``alpha="search"``; groups without samples then use alpha 0.5 and say so).
+        observers: observer settings (:func:`hfptq.calibration.observer_settings`) of the static
+            consumers, keyed by full module name: the alpha search simulates their range with that
+            observer instead of the raw maximum.
 
     Returns:
         ``{"layer", "groups": [...]}``, one record per group: ``status`` (``"smoothed"`` or
@@ -412,7 +471,8 @@ def smooth_layer(
         )
         return info
     for group in groups:
-        info["groups"].append(_smooth_group(layer, layer_name, plan, absmax, opts, group, inputs))
+        info["groups"].append(_smooth_group(layer, layer_name, plan, absmax, opts, group, inputs,
+                                            observers=observers))
     return info
 
 
@@ -430,7 +490,8 @@ def _spread(a: torch.Tensor) -> float:
 
 
 def _smooth_group(layer, layer_name, plan, absmax, opts, group: SmoothGroup, inputs,
-                  keep_scales: bool = False, extra_error: Optional[Any] = None) -> Dict[str, Any]:
+                  keep_scales: bool = False, extra_error: Optional[Any] = None,
+                  observers: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Dict[str, Any]:
     full = lambda path: f"{layer_name}.{path}" if layer_name else path  # noqa: E731
     record: Dict[str, Any] = {"group": group.name, "prev": full(group.prev),
                               "consumers": [full(c) for c in group.consumers]}
@@ -443,13 +504,24 @@ def _smooth_group(layer, layer_name, plan, absmax, opts, group: SmoothGroup, inp
            for c in consumers):
         return _skip(record, "a consumer is no longer a float linear (already converted?)")
     entries = [plan.get(name) if plan is not None else None for name in record["consumers"]]
-    if not any(_is_w8a8(e) for e in entries):
-        return _skip(record, "no consumer is W8A8 in the plan (weight-only or float modules gain nothing)")
+    rotated = [n for n, e in zip(record["consumers"], entries)
+               if e is not None and _is_w8a8(e) and (e.activations or {}).get("rotation")]
+    if rotated:
+        return _skip(record, f"the input of {rotated} is rotated (activations.rotation): a per-channel factor "
+                             "cannot be folded through the rotation")
     weight_only = [n for n, e in zip(record["consumers"], entries)
                    if e is not None and e.quantized and not _is_w8a8(e)]
-    if weight_only:
-        return _skip(record, f"consumers {weight_only} are weight-only integer: smoothing would only widen their "
-                             "weight range")
+    activation_aware = False
+    if not any(_is_w8a8(e) for e in entries):
+        if not weight_only:
+            return _skip(record, "no consumer is quantized in the plan (float modules gain nothing)")
+        if not (opts["weight_only"] and opts["alpha"] == "search"):
+            return _skip(record, f"consumers {weight_only} are weight-only integer: activation-aware scaling runs "
+                                 "only with alpha='search' and weight_only=True")
+        activation_aware = True
+    elif weight_only:
+        return _skip(record, f"consumers {weight_only} are weight-only integer while others are W8A8: one "
+                             "smoothing factor cannot serve both")
     stats = [absmax[n] for n in record["consumers"] if n in absmax]
     if not stats:
         return _skip(record, "no activation statistics for the consumers")
@@ -478,7 +550,15 @@ def _smooth_group(layer, layer_name, plan, absmax, opts, group: SmoothGroup, inp
             if sample.shape[0] > opts["search_tokens"]:
                 idx = torch.linspace(0, sample.shape[0] - 1, opts["search_tokens"]).round().long()
                 sample = sample[idx]
-            alpha, errors = _search_alpha(group, sample, consumers, entries, act, w_abs, opts, extra_error)
+            scales_for = grid = None
+            if activation_aware:
+                act_mean = sample.float().abs().mean(dim=0)
+                scales_for = lambda a: activation_aware_scales(act_mean, a, opts["min_scale"], opts["max_scale"])  # noqa: E731
+                grid = opts["weight_only_grid"]
+                record["method"] = "activation-aware (weight-only)"
+            alpha, errors = _search_alpha(group, sample, consumers, entries, act, w_abs, opts, extra_error,
+                                          scales_for=scales_for, grid=grid,
+                                          observers=[(observers or {}).get(n) for n in record["consumers"]])
             record["error"] = errors
             record["error_unsmoothed"] = errors.get("none")
             record["error_chosen"] = errors["none" if alpha is None else f"{alpha:g}"]
@@ -487,7 +567,10 @@ def _smooth_group(layer, layer_name, plan, absmax, opts, group: SmoothGroup, inp
                 return _skip(record, "the alpha search found smoothing does not lower this group's output error")
     else:
         alpha = float(opts["alpha"])
-    s = smoothing_scales(act, w_abs, alpha, opts["min_scale"], opts["max_scale"])
+    if activation_aware:
+        s = scales_for(alpha)
+    else:
+        s = smoothing_scales(act, w_abs, alpha, opts["min_scale"], opts["max_scale"])
     record["alpha"] = alpha
 
     # fold first (it may refuse, leaving everything untouched), then scale the consumers
@@ -758,6 +841,8 @@ def summarize(records: Sequence[Mapping[str, Any]], options: Mapping[str, Any]) 
         "alpha": options.get("alpha"),
         "groups_smoothed": len(smoothed),
         "groups_skipped": len(groups) - len(smoothed),
+        # of the smoothed groups, those scaled activation-aware for weight-only consumers (AWQ-style)
+        "groups_activation_aware": sum(1 for g in smoothed if g.get("method", "").startswith("activation-aware")),
         "layers": list(records),
     }
     if alphas:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CalibrationError
+from .rotation import rotate
 from .kernels import (
     cached_cast,
     cached_derived,
@@ -121,6 +122,9 @@ class QuantLinear(nn.Module):
         self.act_mode = act_args.get("mode", "none")
         self.act_symmetric = bool(act_args.get("symmetric", True))
         self.act_bits = int(act_args.get("bits", 8))
+        # block size of the online Hadamard rotation of the input (0: none), see hfptq.quant.rotation;
+        # the stored weight is already rotated
+        self.input_rotation = int(act_args.get("rotation") or 0) if self.act_mode != "none" else 0
         self.fake = fake
         self.compute_dtype_setting = compute_dtype
         rows = 1 if self.weight_granularity == "tensor" else out_features
@@ -245,10 +249,13 @@ class QuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"w=int{self.weight_bits}/{gran}/{'sym' if self.weight_symmetric else 'asym'}, act={self.act_mode}, {mode}"
+            + (f", input rotated (Hadamard {self.input_rotation})" if self.input_rotation else "")
         )
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation:
+            x = rotate(x, self.input_rotation)
         if self.fake:
             return self._forward_fake(x)
         fast = fast_path_enabled()

@@ -21,7 +21,8 @@ from hfptq.algorithms.smoothquant import (
     smoothing_scales,
 )
 from hfptq.quant.linear import QuantLinear
-from hfptq.errors import ConfigError
+from hfptq.quant.qparams import dequantize_weight, quantize_weight
+from hfptq.errors import ConfigError, ConfigTypeError
 
 from .conftest import ARCHS, tiny_model
 
@@ -162,7 +163,7 @@ def test_only_groups_with_w8a8_consumers_are_smoothed(token_batches):
     info = smooth_model(model, plan, absmax, {"alpha": 0.5})
     by_group = {(layer["layer"], g["group"]): g for layer in info["layers"] for g in layer["groups"]}
     assert by_group[("model.layers.0", "qkv")]["status"] == "skipped"
-    assert "W8A8" in by_group[("model.layers.0", "qkv")]["reason"]
+    assert "no consumer is quantized" in by_group[("model.layers.0", "qkv")]["reason"]
     assert by_group[("model.layers.0", "gate_up")]["status"] == "smoothed"
     assert by_group[("model.layers.0", "down")]["status"] == "smoothed"
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, q_before)
@@ -171,6 +172,47 @@ def test_only_groups_with_w8a8_consumers_are_smoothed(token_batches):
     plan = resolve_plan(weight_only, HfPtqConfig(activations="none", **ALL_W8A8))
     info = smooth_model(weight_only, plan, absmax, {"alpha": 0.5})
     assert info["groups_smoothed"] == 0
+    reasons = {g["reason"] for layer in info["layers"] for g in layer["groups"]}
+    assert all("alpha='search'" in r for r in reasons)  # weight-only groups: activation-aware scaling needs the search
+
+
+INT4_G = {"granularity": "group", "group_size": 16, "symmetric": False}
+
+
+def test_activation_aware_scaling_of_weight_only_groups(token_batches):
+    """INT4 weight-only groups: s = mean|x|**alpha searched against the simulated output error; the float
+    model is unchanged by the fold and the chosen error is never above "no scaling"."""
+    model = tiny_model("llama", outlier=30.0)
+    config = HfPtqConfig(activations="none", scheme={"attention": "int4", "ffn": "int4", "lm_head": "skip"},
+                         rules=[{"targets": ["kind:attention", "kind:ffn"], "precision": "int4", "weights": INT4_G}])
+    plan = resolve_plan(model, config)
+    before = _logits(model, token_batches)
+    absmax, samples = _stats(model, plan, token_batches, rows=64)
+    info = smooth_model(model, plan, absmax, {"alpha": "search", "weight_only_grid": [0.25, 0.5, 0.75]},
+                        inputs=samples)
+    groups = [g for layer in info["layers"] for g in layer["groups"]]
+    assert groups and all(g.get("method") == "activation-aware (weight-only)" for g in groups)
+    for g in groups:
+        assert set(g["error"]) == {"none", "0.25", "0.5", "0.75"}
+        assert g["error_chosen"] == min(g["error"].values())
+    assert info["groups_smoothed"] >= 1  # 30x outlier channels: protecting them must pay somewhere
+    assert info["search_error_chosen"] < info["search_error_unsmoothed"]
+    assert _rel(_logits(model, token_batches), before) < 1e-4
+
+    off = tiny_model("llama", outlier=30.0)
+    info = smooth_model(off, plan, absmax, {"alpha": "search", "weight_only": False}, inputs=samples)
+    assert info["groups_smoothed"] == 0
+
+
+def test_activation_aware_scales_formula():
+    from hfptq.algorithms.smoothquant import activation_aware_scales
+
+    a = torch.tensor([9.0, 1.0, 4.0, 0.0])
+    s = activation_aware_scales(a, 0.5)
+    v = torch.tensor([3.0, 1.0, 2.0])
+    torch.testing.assert_close(s[:3], v / (3.0 * 1.0) ** 0.5)
+    assert s[3] == 1.0  # dead channel untouched
+    assert torch.equal(activation_aware_scales(a, 0.0)[:3], torch.ones(3))  # alpha 0: no scaling
 
 
 def test_unknown_architecture_is_reported_not_guessed():
@@ -231,6 +273,45 @@ def test_alpha_search_picks_the_grid_minimum(token_batches):
     assert _rel(_logits(model, token_batches), before) < 1e-4
 
 
+def test_static_search_simulates_the_modules_observer(token_batches):
+    """Static consumers: the search scores the range their own observer (here percentile 99) picks on the
+    sample rows, not the raw maximum of the statistics."""
+    from hfptq.calibration import observer_settings
+    from hfptq.quant.observers import make_observer
+    from hfptq.quant.qparams import dequantize, quantize
+
+    model = tiny_model("llama", outlier=30.0)
+    config = HfPtqConfig(activations="static", **ALL_W8A8,
+                         calibration={"dataset": "wikitext", "observer": "percentile", "percentile": 99.0})
+    plan = resolve_plan(model, config)
+    absmax, samples = _stats(model, plan, token_batches, rows=64)
+    prefix = "model.layers.0."
+    observers = {e.name: observer_settings(e, config) for e in plan if e.name.startswith(prefix)}
+    assert {o["observer"] for o in observers.values()} == {"percentile"}
+    layer = model.model.layers[0]
+    opts = {"alpha": "search", "groups": ["gate_up"]}
+    clipped = smooth_layer(copy.deepcopy(layer), "model.layers.0", plan, absmax, opts, model.config,
+                           inputs=samples, observers=observers)["groups"][0]
+    raw = smooth_layer(copy.deepcopy(layer), "model.layers.0", plan, absmax, opts, model.config,
+                       inputs=samples)["groups"][0]
+
+    # "no smoothing" scored by hand with the percentile observer on the same rows
+    x = samples[prefix + "mlp.gate_proj"].float()
+    settings = observers[prefix + "mlp.gate_proj"]
+    obs = make_observer("percentile", **{k: v for k, v in settings.items() if k != "observer"})
+    obs.observe(x)
+    scale, zp = obs.compute_qparams()
+    xq = dequantize(quantize(x, scale, zp, 8, True), scale, zp)
+    expected = 0.0
+    for name in ("gate_proj", "up_proj"):
+        w = getattr(layer.mlp, name).weight.detach().float()
+        q, ws, wz = quantize_weight(w, 8, True, "channel")
+        y = x @ w.t()
+        expected += float((xq @ dequantize_weight(q, ws, wz).t() - y).pow(2).sum() / y.pow(2).sum())
+    assert clipped["error"]["none"] == pytest.approx(expected, rel=1e-4)
+    assert clipped["error"]["none"] != pytest.approx(raw["error"]["none"], rel=1e-3)
+
+
 def test_alpha_search_without_samples_falls_back_to_half(token_batches):
     model = tiny_model("llama")
     plan = resolve_plan(model, HfPtqConfig(**ALL_W8A8))
@@ -254,6 +335,10 @@ def test_options_validation():
         validate_options("smoothquant", {"alpha": "auto"})
     with pytest.raises(ConfigError, match="Unknown algorithm"):
         validate_options("awq", {})
+    with pytest.raises(ConfigTypeError, match="weight_only must be a bool"):
+        validate_options("smoothquant", {"weight_only": "yes"})
+    with pytest.raises(ConfigTypeError, match="weight_only_grid"):
+        validate_options("smoothquant", {"weight_only_grid": []})
 
 
 # ------------------------------------------------------------------ final norm -> LM head
@@ -440,3 +525,20 @@ def test_alpha_search_scores_tall_weights_on_evenly_spaced_rows(monkeypatch):
     for key in full:
         assert sub[key] == pytest.approx(distinct[key], rel=1e-6)
         assert full[key] == pytest.approx(distinct[key], rel=1e-4)  # float32 sums over 4x the rows
+
+
+def test_activation_aware_int4_end_to_end_beats_round_to_nearest(token_batches):
+    """quantize_model on an INT4 weight-only plan with smoothquant={"alpha": "search"}: the sequential
+    calibration scales the weight-only groups activation-aware, reports it, and the logits move closer to the
+    float model's than plain round-to-nearest INT4 on data the search never saw."""
+    model = tiny_model("llama", outlier=30.0)
+    int4 = dict(activations="none", scheme={"attention": "int4", "ffn": "int4", "lm_head": "skip"},
+                rules=[{"targets": ["kind:attention", "kind:ffn"], "precision": "int4", "weights": INT4_G}])
+    ref = _logits(model, token_batches)
+    rtn = hfptq_quantize(model, HfPtqConfig(**int4), _calib_ids())
+    aware = hfptq_quantize(model, HfPtqConfig(**int4, smoothquant={"alpha": "search"}), _calib_ids())
+    entry = next(a for a in aware.hfptq_calibration["algorithms"] if a["name"] == "smoothquant")
+    assert entry["groups_activation_aware"] == entry["groups_smoothed"] >= 1
+    err_rtn = float((_logits(rtn, token_batches) - ref).pow(2).mean())
+    err_aware = float((_logits(aware, token_batches) - ref).pow(2).mean())
+    assert err_aware < err_rtn, (err_aware, err_rtn)
