@@ -129,14 +129,15 @@ def _configs(model_type: str, calibration: Dict[str, Any], group: int) -> Dict[s
                 rules=[{"targets": ["kind:attention", "kind:ffn"], "precision": "int4",
                         "weights": {"granularity": "group", "group_size": group, "symmetric": False,
                                     "observer": "mse"}}])
-    down_rot = {"targets": ["down_proj"], "precision": "int8", "activations": {"mode": "dynamic", "rotation": 128}}
+    rot = group  # Hadamard block: 128, or 64 where the hidden size is not a multiple of 128 (SmolLM2: 576)
+    down_rot = {"targets": ["down_proj"], "precision": "int8", "activations": {"mode": "dynamic", "rotation": rot}}
     static = dict(activations="static", smoothquant=sq,
                   calibration={**calibration, "observer": "percentile", "percentile": 99.99})
     static_rot = [{"targets": ["kind:lm_head"], "precision": "int8", "activations": "dynamic"},
                   {"targets": ["gate_proj", "up_proj"], "precision": "int8",
-                   "activations": {"mode": "static", "rotation": 128}},
+                   "activations": {"mode": "static", "rotation": rot}},
                   {"targets": ["down_proj"], "precision": "int8",
-                   "activations": {"mode": "static", "rotation": 128, "percentile": 99.999}}]
+                   "activations": {"mode": "static", "rotation": rot, "percentile": 99.999}}]
     return {
         "default RTN": lambda: HfPtqConfig(),
         "default SQ": lambda: HfPtqConfig(smoothquant=sq, calibration=calibration),

@@ -299,6 +299,11 @@ def run_recipe(
     for algo in calib_info.get("algorithms", []) if isinstance(calib_info, dict) else []:
         algo = dict(algo)
         report.add_algorithm(algo.pop("name", "algorithm"), **algo)
+    rotated = {e.name: int(e.activations["rotation"]) for e in getattr(quantized, "hfptq_plan", None) or []
+               if e.quantized and (e.activations or {}).get("rotation")}
+    if rotated:
+        report.add_algorithm("rotation", modules=len(rotated), block_sizes=sorted(set(rotated.values())),
+                             what="inputs rotated by a block Hadamard matrix before INT8 (weights stored rotated)")
     evaluate_pair(recipe, tokenizer, float_model, quantized, progress=progress, report=report)
     files: Dict[str, Path] = {}
     model_dir: Optional[Path] = None

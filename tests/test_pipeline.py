@@ -32,7 +32,8 @@ def test_run_recipe_tiny_llama_writes_report_and_reloadable_checkpoint(tiny_llam
     assert report["perplexity"]["float"] > 1 and report["perplexity"]["quantized"] > 1
     assert "piqa" in report["accuracy"]
     assert report["calibration"]["activations"].startswith("dynamic")  # the default recipe: W8A8 dynamic
-    assert [a["name"] for a in report["algorithms"]] == ["smoothquant"]
+    assert [a["name"] for a in report["algorithms"]] == ["smoothquant", "rotation"]
+    assert report["algorithms"][1]["details"]["block_sizes"] == [128]
     assert "rotated in blocks of 128" in (tmp_path / "report" / "report.md").read_text()  # down_proj's input
     # the report says what the calibration forwards computed in (bf16 autocast on a CPU with native bf16)
     assert report["calibration"]["compute_dtype"] in ("bfloat16 (autocast)", "float32")
