@@ -541,6 +541,8 @@ def _smooth_group(layer, layer_name, plan, absmax, opts, group: SmoothGroup, inp
         sample = None
         if inputs is not None:
             sample = next((inputs[n] for n in record["consumers"] if n in inputs), None)
+        if sample is None and activation_aware:
+            return _skip(record, "activation-aware scaling of weight-only consumers needs input samples (none given)")
         if sample is None:
             alpha = 0.5
             record["search"] = "no input samples given; used alpha=0.5"

@@ -319,6 +319,12 @@ def test_alpha_search_without_samples_falls_back_to_half(token_batches):
     info = smooth_model(model, plan, absmax, {"alpha": "search"})
     groups = [g for layer in info["layers"] for g in layer["groups"]]
     assert all(g["alpha"] == 0.5 and "no input samples" in g["search"] for g in groups)
+    # weight-only groups have no fixed-alpha fallback: skipped, saying why
+    weight_only = tiny_model("llama")
+    plan = resolve_plan(weight_only, HfPtqConfig(activations="none", **ALL_W8A8))
+    info = smooth_model(weight_only, plan, absmax, {"alpha": "search"})
+    groups = [g for layer in info["layers"] for g in layer["groups"]]
+    assert groups and all(g["status"] == "skipped" and "needs input samples" in g["reason"] for g in groups)
 
 
 # ------------------------------------------------------------------ options
