@@ -536,6 +536,8 @@ def _smooth_group(layer, layer_name, plan, absmax, opts, group: SmoothGroup, inp
         )
     w_abs = torch.stack([_weight2d(c).detach().float().abs().amax(dim=0).cpu() for c in consumers]).amax(dim=0)
 
+    # the factors of a given alpha: SmoothQuant's max-ratio formula, or activation-aware (set below)
+    scales_for = lambda a: smoothing_scales(act, w_abs, a, opts["min_scale"], opts["max_scale"])  # noqa: E731
     alpha: Optional[float]
     if opts["alpha"] == "search":
         sample = None
@@ -552,7 +554,7 @@ def _smooth_group(layer, layer_name, plan, absmax, opts, group: SmoothGroup, inp
             if sample.shape[0] > opts["search_tokens"]:
                 idx = torch.linspace(0, sample.shape[0] - 1, opts["search_tokens"]).round().long()
                 sample = sample[idx]
-            scales_for = grid = None
+            grid = None
             if activation_aware:
                 act_mean = sample.float().abs().mean(dim=0)
                 scales_for = lambda a: activation_aware_scales(act_mean, a, opts["min_scale"], opts["max_scale"])  # noqa: E731
@@ -569,10 +571,7 @@ def _smooth_group(layer, layer_name, plan, absmax, opts, group: SmoothGroup, inp
                 return _skip(record, "the alpha search found smoothing does not lower this group's output error")
     else:
         alpha = float(opts["alpha"])
-    if activation_aware:
-        s = scales_for(alpha)
-    else:
-        s = smoothing_scales(act, w_abs, alpha, opts["min_scale"], opts["max_scale"])
+    s = scales_for(alpha)
     record["alpha"] = alpha
 
     # fold first (it may refuse, leaving everything untouched), then scale the consumers

@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import nn
@@ -31,24 +31,21 @@ from torch import nn
 __all__ = ["hadamard", "rotate", "check_block", "fold_input_rotations", "undo_input_rotations"]
 
 
-@functools.lru_cache(maxsize=16)
-def _hadamard_cpu(n: int) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / n**0.5).to(torch.float32)
-
-
 def check_block(block: int) -> bool:
     """``True`` when ``block`` is a power of two >= 2 (the sizes a Sylvester Hadamard matrix has)."""
     return isinstance(block, int) and not isinstance(block, bool) and block >= 2 and block & (block - 1) == 0
 
 
-_DEVICE_CACHE: Dict[Tuple[int, torch.dtype, str], torch.Tensor] = {}
+@functools.lru_cache(maxsize=32)
+def _hadamard(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / n**0.5).to(device=device, dtype=dtype)
 
 
 def hadamard(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The normalised ``n x n`` Sylvester Hadamard matrix (orthogonal and symmetric).
+    """The normalised ``n x n`` Sylvester Hadamard matrix (orthogonal and symmetric), cached per dtype/device.
 
     Example:
         >>> h = hadamard(4)
@@ -57,12 +54,7 @@ def hadamard(n: int, dtype: torch.dtype = torch.float32, device: torch.device | 
     """
     if not check_block(n):
         raise ValueError(f"Hadamard size must be a power of two >= 2, got {n!r}")
-    key = (n, dtype, str(device))
-    h = _DEVICE_CACHE.get(key)
-    if h is None:
-        h = _hadamard_cpu(n).to(device=device, dtype=dtype)
-        _DEVICE_CACHE[key] = h
-    return h
+    return _hadamard(n, dtype, torch.device(device))
 
 
 def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
