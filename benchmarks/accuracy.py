@@ -28,8 +28,10 @@ What is measured
                     ``down_proj``'s input rotated in Hadamard blocks of 128 (``activations.rotation``)
   static FFN        FFN W8A8 static per-tensor (percentile 99.99, the best observer of
                     ``calibration_observers.py``), LM head dynamic, SmoothQuant + GPTQ
-  static FFN rot... FFN W8A8 static per-tensor with every FFN input rotated in Hadamard blocks of 128
-                    (percentile 99.99; 99.999 for ``down_proj``), LM head dynamic + SmoothQuant
+  static FFN rot... FFN W8A8 static per-tensor with every FFN input rotated: gate/up in Hadamard blocks
+                    of 128 (SmolLM2: 64) with MSE clipping, ``down_proj`` in the largest power-of-two
+                    block dividing the intermediate size (Gemma: 2048, SmolLM2: 512) with percentile
+                    99.9; LM head dynamic + SmoothQuant
   INT4 RTN          attention + FFN INT4 weight-only, asymmetric (16 levels + zero point), groups of
                     128 (SmolLM2: 64, since 576 is not a multiple of 128), MSE-searched clipping of each
                     group's range (``observer="mse"``), LM head INT8 weight-only, round-to-nearest
@@ -37,6 +39,11 @@ What is measured
                     weight-only plan: ``s = mean|x|**alpha``, alpha searched per group, AWQ-style)
   INT4 GPTQ         the same with GPTQ (act-order, static groups)
   INT4 AWQ+GPTQ     activation-aware scaling, then GPTQ (act-order, static groups)
+  INT4 rot RTN      INT4 RTN with every quantized input rotated (``activations={"mode": "none",
+                    "rotation": B}``), B the largest power of two dividing the module's in_features
+                    (Gemma: 128 for q/k/v/gate/up, 1024 for o_proj, 2048 for down_proj): the weight
+                    is stored as ``W H``, its groups lose their outlier columns (incoherence)
+  INT4 rot+GPTQ     the same with GPTQ (act-order, static groups)
   auto +0.3%        :func:`hfptq.algorithms.autoprecision.search` from "all W8A8 SQ+GPTQ" with a
                     +0.3 % perplexity budget: searched on ``--search-windows`` windows from the
                     *second* half of the validation rows, verified on the test windows above
@@ -79,11 +86,12 @@ GOALS = {  # row -> maximum perplexity increase in %, from the issue
     "static FFN rotation": 1.5,
     "INT4 GPTQ": 5.0,
     "INT4 AWQ+GPTQ": 5.0,
+    "INT4 rot+GPTQ": 5.0,
     "auto +0.3%": 0.3,
 }
 ROWS = ("default RTN", "default SQ", "default SQ+GPTQ", "default SQ+GPTQ fp32", "default SQ+rotation", "all W8A8 RTN",
         "all W8A8 SQ", "all W8A8 SQ+GPTQ", "static FFN SQ+GPTQ", "static FFN rotation",
-        "INT4 RTN", "INT4 AWQ", "INT4 GPTQ", "INT4 AWQ+GPTQ", "auto +0.3%")
+        "INT4 RTN", "INT4 AWQ", "INT4 GPTQ", "INT4 AWQ+GPTQ", "INT4 rot RTN", "INT4 rot+GPTQ", "auto +0.3%")
 
 
 def _model_path(name: str) -> str:
@@ -120,7 +128,13 @@ def _windows(ids, n: int, seq_len: int, bos: Optional[int]):
     return out
 
 
-def _configs(model_type: str, calibration: Dict[str, Any], group: int) -> Dict[str, Any]:
+def _pow2(n: int) -> int:
+    """The largest power of two dividing ``n`` (the largest Hadamard block that fits ``n`` channels)."""
+    return n & -n
+
+
+def _configs(model_type: str, calibration: Dict[str, Any], group: int, intermediate: int,
+             attn_width: int = 0, hidden: int = 0) -> Dict[str, Any]:
     from hfptq import HfPtqConfig
 
     sq = {"alpha": "search"}
@@ -130,14 +144,23 @@ def _configs(model_type: str, calibration: Dict[str, Any], group: int) -> Dict[s
                         "weights": {"granularity": "group", "group_size": group, "symmetric": False,
                                     "observer": "mse"}}])
     rot = group  # Hadamard block: 128, or 64 where the hidden size is not a multiple of 128 (SmolLM2: 576)
+    # INT4 with every input rotated (incoherence for the weight groups), each in the largest block that fits
+    int4_w = int4["rules"][0]["weights"]
+    int4_rot = dict(int4, rules=[
+        {"targets": names, "precision": "int4", "weights": int4_w, "activations": {"mode": "none", "rotation": block}}
+        for names, block in ((["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"], _pow2(hidden or group)),
+                             (["o_proj"], _pow2(attn_width or group)), (["down_proj"], _pow2(intermediate)))])
     down_rot = {"targets": ["down_proj"], "precision": "int8", "activations": {"mode": "dynamic", "rotation": rot}}
     static = dict(activations="static", smoothquant=sq,
                   calibration={**calibration, "observer": "percentile", "percentile": 99.99})
+    # static: gate/up inputs rotated in blocks of `rot`, MSE-clipped; down_proj's input rotated in the largest
+    # power-of-two block dividing the intermediate size (Gemma 3 270M: all 2048 channels), percentile 99.9
+    down_block = intermediate & -intermediate
     static_rot = [{"targets": ["kind:lm_head"], "precision": "int8", "activations": "dynamic"},
                   {"targets": ["gate_proj", "up_proj"], "precision": "int8",
-                   "activations": {"mode": "static", "rotation": rot}},
+                   "activations": {"mode": "static", "rotation": rot, "observer": "mse"}},
                   {"targets": ["down_proj"], "precision": "int8",
-                   "activations": {"mode": "static", "rotation": rot, "percentile": 99.999}}]
+                   "activations": {"mode": "static", "rotation": down_block, "percentile": 99.9}}]
     return {
         "default RTN": lambda: HfPtqConfig(),
         "default SQ": lambda: HfPtqConfig(smoothquant=sq, calibration=calibration),
@@ -159,6 +182,8 @@ def _configs(model_type: str, calibration: Dict[str, Any], group: int) -> Dict[s
         "INT4 GPTQ": lambda: HfPtqConfig(**int4, gptq={**gptq, "act_order": True}, calibration=calibration),
         "INT4 AWQ+GPTQ": lambda: HfPtqConfig(**int4, smoothquant=sq, gptq={**gptq, "act_order": True},
                                              calibration=calibration),
+        "INT4 rot RTN": lambda: HfPtqConfig(**int4_rot, calibration=calibration),
+        "INT4 rot+GPTQ": lambda: HfPtqConfig(**int4_rot, gptq={**gptq, "act_order": True}, calibration=calibration),
     }
 
 
@@ -219,7 +244,10 @@ def run_model(name: str, args, on_row: Optional[Callable[[Dict[str, Any]], None]
     out["float"] = {**ppl(model), "mib": model_bytes(model) / 2**20}
     print(f"# {name}: float ppl {out['float']['ppl']:.4f} ({out['float']['eval_seconds']:.0f} s)", file=sys.stderr,
           flush=True)
-    configs = _configs(model.config.model_type, calibration, group)
+    cfg = model.config
+    configs = _configs(cfg.model_type, calibration, group, cfg.intermediate_size,
+                       cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads),
+                       cfg.hidden_size)
     for row in args.rows:
         if row == "auto +0.3%":
             continue

@@ -22,9 +22,10 @@ What is measured
 * One diagnostic row: the best observer with ``down_proj`` kept dynamic per-token (a rule), to
   show how much of the loss comes from the per-tensor scale of ``down_proj``'s outlier-heavy input.
 * ``--variants``: extra rows named ``<observer>+<modifier>...``, modifiers ``down_dynamic``,
-  ``sq`` (SmoothQuant, alpha searched), ``gptq``, ``rot`` (every FFN input rotated in Hadamard blocks
-  of 128, ``activations.rotation``) and ``fp32calib`` (``calibration.dtype="model"``,
-  the float32 control of the bf16 autocast).
+  ``sq`` (SmoothQuant, alpha searched), ``gptq``, ``rot`` (every FFN input rotated as in
+  ``recipes/static-ffn.yaml``: gate/up in Hadamard blocks of 128 with MSE clipping, ``down_proj``
+  over all 2048 channels with percentile 99.9; ``activations.rotation``) and ``fp32calib``
+  (``calibration.dtype="model"``, the float32 control of the bf16 autocast).
 * A second table (unless ``--no-bf16``): the best observer with the model loaded in bfloat16
   (Gemma 3's native dtype), against the bfloat16 float model.
 
@@ -62,7 +63,7 @@ _MODS = {
     "sq": "SmoothQuant",
     "gptq": "GPTQ",
     "fp32calib": "calibration in float32",
-    "rot": "FFN inputs rotated (Hadamard 128)",
+    "rot": "FFN inputs rotated (recipes/static-ffn.yaml: gate/up 128 + MSE, down_proj 2048 + p99.9)",
 }
 
 
@@ -155,9 +156,14 @@ def _worker(args) -> Dict[str, Any]:
         if "down_dynamic" in mods:
             rules.append({"targets": "down_proj", "precision": "int8", "activations": "dynamic"})
         if "rot" in mods:
-            # every FFN input rotated in Hadamard blocks of 128 before its static per-tensor quantization
-            rules.append({"targets": ["gate_proj", "up_proj", "down_proj"], "precision": "int8",
-                          "activations": {"mode": "static", "rotation": 128}})
+            # recipes/static-ffn.yaml: every FFN input rotated before its static per-tensor quantization,
+            # gate/up in Hadamard blocks of 128 with MSE clipping, down_proj over its whole width (2048 on
+            # Gemma 3 270M; the largest power of two dividing it) clipped at percentile 99.9
+            inter = model.config.intermediate_size
+            rules.append({"targets": ["gate_proj", "up_proj"], "precision": "int8",
+                          "activations": {"mode": "static", "rotation": 128, "observer": "mse"}})
+            rules.append({"targets": ["down_proj"], "precision": "int8",
+                          "activations": {"mode": "static", "rotation": inter & -inter, "percentile": 99.9}})
         rules = rules or None
         config = hfptq.HfPtqConfig(activations="static", scheme={"lm_head": "skip"}, calibration=calibration,
                                    rules=rules, smoothquant={"alpha": "search"} if "sq" in mods else None,

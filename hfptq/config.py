@@ -167,13 +167,6 @@ def normalize_activation_args(values: Union[None, str, Mapping[str, Any]], secti
     else:
         out = default_activation_args(mode)
     out.update(values)
-    if mode == "none":
-        if values.get("rotation"):
-            raise ConfigError(
-                f"{section}.rotation={values['rotation']!r} with mode='none': the input rotation serves INT8 "
-                "activations; use mode='dynamic' or 'static', or drop rotation."
-            )
-        return {"mode": "none"}
     rotation = out.get("rotation")
     if rotation is not None and rotation != 0:
         from .quant.rotation import check_block
@@ -183,6 +176,10 @@ def normalize_activation_args(values: Union[None, str, Mapping[str, Any]], secti
                 f"{section}.rotation={rotation!r} is not a power of two >= 2: it is the block size of the input's "
                 "Hadamard rotation, e.g. 128 (it must also divide the module's in_features)."
             )
+    if mode == "none":
+        # weight-only: the input is not quantized, but a rotation still applies (it makes the weight's groups
+        # outlier-free, which is what INT4 per-group weights need; see hfptq.quant.rotation)
+        return {"mode": "none", "rotation": rotation} if rotation else {"mode": "none"}
     if out.get("bits", 8) != 8:
         raise ConfigError(f"{section}.bits={out['bits']} is not supported: activations are quantized to 8 bits.")
     if mode == "dynamic" and out.get("granularity") != "token":
@@ -282,7 +279,9 @@ class HfPtqConfig(QuantizationConfigMixin):
             ``"static"`` (per-tensor scales frozen by calibration), ``"none"`` (weight-only), or a
             mapping with ``mode`` and ``symmetric``/``granularity``/``observer``/``percentile``...;
             ``rotation`` (a power of two, e.g. 128) rotates the input in Hadamard blocks of that
-            size before quantizing it, folded into the weight (see :mod:`hfptq.quant.rotation`).
+            size before quantizing it, folded into the weight (see :mod:`hfptq.quant.rotation`);
+            with ``mode="none"`` (weight-only) it still applies: the stored weight ``W H`` has no
+            outlier columns, which is what INT4 groups need.
         scheme: precision per module kind (``attention``, ``ffn``, ``lm_head``, ``embedding``,
             ``other``); defaults to attention FP16, FFN + LM head INT8.
         rules: ordered list of ``{"targets": [...], "precision": ..., "weights": {...},

@@ -137,9 +137,9 @@ class ModuleSpec:
                 gran = f"g{self.weights['group_size']}"
             sym = "" if self.weights["symmetric"] else " asym"
             acts = self.activations or {"mode": "none"}
-            if acts["mode"] == "none":
-                return f"int{bits} weight-only ({gran}{sym})"
             rot = f", input rotated in blocks of {acts['rotation']}" if acts.get("rotation") else ""
+            if acts["mode"] == "none":
+                return f"int{bits} weight-only ({gran}{sym}{rot})"
             return f"W{bits}A8 {acts['mode']}/{acts['granularity']} ({gran}{sym}{rot})"
         if self.precision == "skip":
             return "unchanged"
@@ -484,7 +484,7 @@ def _validate_quant_spec(spec: ModuleSpec, config: HfPtqConfig) -> None:
             f"{spec.source}: {spec.name!r} has an odd in_features={spec.in_features}; int4 packs two values per byte "
             f"along in_features. Keep this module in int8 (a rule {{'targets': [{spec.name!r}], 'precision': 'int8'}})."
         )
-    block = int(a.get("rotation") or 0) if a["mode"] != "none" else 0
+    block = int(a.get("rotation") or 0)
     if block and spec.in_features % block:
         raise PlanError(
             f"{spec.source}: activations.rotation={block} does not divide {spec.name!r}'s in_features="

@@ -505,7 +505,7 @@ def _smooth_group(layer, layer_name, plan, absmax, opts, group: SmoothGroup, inp
         return _skip(record, "a consumer is no longer a float linear (already converted?)")
     entries = [plan.get(name) if plan is not None else None for name in record["consumers"]]
     rotated = [n for n, e in zip(record["consumers"], entries)
-               if e is not None and _is_w8a8(e) and (e.activations or {}).get("rotation")]
+               if e is not None and e.quantized and (e.activations or {}).get("rotation")]
     if rotated:
         return _skip(record, f"the input of {rotated} is rotated (activations.rotation): a per-channel factor "
                              "cannot be folded through the rotation")

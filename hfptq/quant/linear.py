@@ -124,7 +124,7 @@ class QuantLinear(nn.Module):
         self.act_bits = int(act_args.get("bits", 8))
         # block size of the online Hadamard rotation of the input (0: none), see hfptq.quant.rotation;
         # the stored weight is already rotated
-        self.input_rotation = int(act_args.get("rotation") or 0) if self.act_mode != "none" else 0
+        self.input_rotation = int(act_args.get("rotation") or 0)
         self.fake = fake
         self.compute_dtype_setting = compute_dtype
         rows = 1 if self.weight_granularity == "tensor" else out_features

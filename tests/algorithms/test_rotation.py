@@ -37,6 +37,24 @@ def test_hadamard_is_orthogonal_symmetric_and_rotation_is_an_involution():
         rotate(torch.randn(2, 96), 64)
 
 
+@pytest.mark.parametrize("block", [256, 2048])
+def test_large_blocks_apply_the_full_hadamard_matrix(block):
+    """Blocks above DENSE_BLOCK run as H_a (x) H_128 (two small matmuls); the result is x @ H_block itself."""
+    from hfptq.quant.rotation import DENSE_BLOCK
+
+    assert block > DENSE_BLOCK
+    x = torch.randn(2, 5, 2 * block, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    dense = hadamard(block, torch.float64)
+    expected = (x.reshape(2, 5, 2, block) @ dense).reshape(x.shape)
+    torch.testing.assert_close(rotate(x, block), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(rotate(rotate(x, block), block), x, rtol=0, atol=1e-12)
+    # float32 input keeps float32 and stays within float32 rounding of the exact product
+    x32 = x.float()
+    out = rotate(x32, block)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-4)
+
+
 def test_rotation_lowers_the_int8_error_of_outlier_channels():
     """Per-token INT8 of an input whose channel 3 is 50x the rest: the outlier sets every token's step. Rotated
     in blocks of 64, its energy is spread over 64 channels, so each token's max (hence step) drops from ~50 sigma
@@ -112,8 +130,8 @@ def test_rotation_errors_name_the_field_and_fix():
     with pytest.raises(ConfigError, match="power of two"):
         HfPtqConfig(rules=[{"targets": ["down_proj"], "precision": "int8", "activations": {"mode": "dynamic",
                                                                                              "rotation": 48}}])
-    with pytest.raises(ConfigError, match="mode='none'"):
-        HfPtqConfig(activations={"mode": "none", "rotation": 32})
+    with pytest.raises(ConfigError, match="power of two"):
+        HfPtqConfig(activations={"mode": "none", "rotation": 24})  # weight-only is validated the same way
     model = tiny_model("llama")  # intermediate 128: a 256 block does not divide it
     with pytest.raises(PlanError, match="does not divide"):
         resolve_plan(model, HfPtqConfig(rules=[{"targets": ["down_proj"], "precision": "int8",
@@ -149,3 +167,73 @@ def test_smoothquant_leaves_rotated_consumers_alone(token_batches):
     down = [g for g in records if g["group"] == "down"]
     assert down and all(g["status"] == "skipped" and "rotated" in g["reason"] for g in down)
     assert any(g["status"] == "smoothed" for g in records if g["group"] == "gate_up")
+
+
+def test_weight_only_rotation_lowers_the_int4_group_error_of_outlier_columns():
+    """INT4 groups of 64 on a weight whose input channel 5 is 30x the rest: that column sets the step of every
+    row's group, so the other 63 columns round to a few levels. Rotated in blocks of 64 (the weight is stored as
+    W H, the input rotated at run time), the column's energy is spread over the group and the output error of the
+    weight-only linear (activations not quantized) drops several-fold."""
+    gen = torch.Generator().manual_seed(3)
+    lin = nn.Linear(128, 48, bias=False)
+    nn.init.normal_(lin.weight, generator=gen)
+    with torch.no_grad():
+        lin.weight[:, 5] *= 30.0
+    x = torch.randn(256, 128, generator=gen)
+    ref = lin(x).detach()
+    errors = {}
+    with torch.no_grad():
+        for block in (0, 64):
+            src = copy.deepcopy(lin)
+            if block:
+                src.weight.data = rotate(src.weight.data, block)
+            q = QuantLinear.from_float(src, weight_args={"bits": 4, "symmetric": False, "granularity": "group",
+                                                          "group_size": 64},
+                                       act_args={"mode": "none", "rotation": block})
+            assert q.input_rotation == block
+            errors[block] = float((q(x) - ref).pow(2).mean() / ref.pow(2).mean())
+    assert errors[64] < errors[0] / 4, errors
+
+
+def test_weight_only_int4_rotation_through_the_plan_saves_and_reloads(token_batches, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    ref = _logits(model, token_batches)
+    rules = [{"targets": ["kind:attention", "kind:ffn"], "precision": "int4",
+              "weights": {"granularity": "group", "group_size": 32, "symmetric": False},
+              "activations": {"mode": "none", "rotation": 32}}]
+    config = HfPtqConfig(activations="none", rules=rules, smoothquant={"alpha": "search"},
+                         calibration={"dataset": "unused", "num_samples": 2})
+    q = hfptq.quantize_model(copy.deepcopy(model), config, calibration_data=torch.cat(token_batches),
+                             progress=False)
+    down = q.model.layers[0].mlp.down_proj
+    assert isinstance(down, QuantLinear) and down.act_mode == "none" and down.input_rotation == 32
+    assert down.weight_bits == 4
+    assert "weight-only" in q.hfptq_plan["model.layers.0.mlp.down_proj"].describe()
+    assert "rotated in blocks of 32" in q.hfptq_plan["model.layers.0.mlp.down_proj"].describe()
+    # activation-aware scaling would fold a per-channel factor through the rotation: it skips rotated consumers
+    records = [g for layer in q.hfptq_calibration["smoothquant"].values() for g in layer.get("groups", [])]
+    assert records and all(g["status"] == "skipped" and "rotated" in g["reason"] for g in records
+                           if g["group"] in ("qkv", "gate_up", "down"))
+    got = _logits(q, token_batches)
+    assert torch.isfinite(got).all()
+    # random weights have no outliers, so the rotated INT4 plan errs about as much as the unrotated one; dropping
+    # the run-time rotation of one module's input (its stored weight is W H) breaks the function
+    plain_rules = [{**rules[0], "activations": "none"}]
+    unrot = hfptq.quantize_model(copy.deepcopy(model), HfPtqConfig(activations="none", rules=plain_rules),
+                                 progress=False)
+    err = float((got - ref).pow(2).mean() / ref.pow(2).mean())
+    err_plain = float((_logits(unrot, token_batches) - ref).pow(2).mean() / ref.pow(2).mean())
+    down.input_rotation = 0
+    broken = float((_logits(q, token_batches) - ref).pow(2).mean() / ref.pow(2).mean())
+    down.input_rotation = 32
+    assert err < 2 * err_plain and broken > 4 * err, (err, err_plain, broken)
+    q.save_pretrained(tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert back.model.layers[0].mlp.down_proj.input_rotation == 32
+    assert torch.equal(_logits(back, token_batches), got)
+    # dequantize() rotates the weight back (W H H = W): a float model with no hooks computing the same function
+    plain = back.dequantize()
+    assert not plain.model.layers[0].mlp.down_proj._forward_pre_hooks
+    torch.testing.assert_close(_logits(plain, token_batches), got, rtol=1e-4, atol=1e-4)
