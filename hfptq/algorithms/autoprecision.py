@@ -234,6 +234,10 @@ def _derive(config: HfPtqConfig, **changes: Any) -> HfPtqConfig:
 
 
 def _matches(entry: Any, target: str) -> bool:
+    if target.startswith("kind:"):  # the rule syntax, "kind:ffn"
+        target = target[len("kind:"):]
+        if target not in KINDS:
+            raise ConfigError(f"options.candidates: unknown kind {target!r}; choose from {list(KINDS)}.")
     if target in KINDS:
         return entry.kind == target
     if target.startswith("re:"):
@@ -380,6 +384,36 @@ def _quantized_module(module: nn.Module, entry: Any, calib: Any, fake: bool, com
     qparams = getattr(calib, "input_qparams", {}) or {}
     return QuantLinear.from_float(module, entry.weights, entry.activations, fake=fake, compute_dtype=compute_dtype,
                                   weight=weights.get(entry.name), input_qparams=qparams.get(entry.name))
+
+
+@contextlib.contextmanager
+def _smoothed_head(model: nn.Module, calib: Any) -> Iterator[None]:
+    """Make the calibrated float model consistent for the sensitivity pass.
+
+    SmoothQuant on a tied LM head folds ``1/s`` into the final norm in place but returns the head's
+    ``W * s`` instead of writing it (the embedding shares ``W``). Until conversion, the float model
+    reads ``W`` after a norm divided by ``s``; here such a head is swapped for an untied float copy
+    holding ``W * s`` (the embedding keeps ``W``), and put back afterwards.
+    """
+    swapped = []
+    for name, weight in (getattr(calib, "weights", None) or {}).items():
+        module = model.get_submodule(name)
+        current = getattr(module, "weight", None)
+        if not isinstance(module, nn.Linear) or current is None or current.shape != weight.shape \
+                or torch.equal(current, weight):
+            continue
+        head = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                         device=current.device, dtype=current.dtype)
+        head.weight = nn.Parameter(weight.to(current.dtype), requires_grad=False)
+        if module.bias is not None:
+            head.bias = module.bias
+        _set_module(model, name, head)
+        swapped.append((name, module))
+    try:
+        yield
+    finally:
+        for name, module in swapped:
+            _set_module(model, name, module)
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -621,7 +655,9 @@ def search(
         raise DataError("sensitivity needs token windows: pass eval_windows as a token id tensor.")
     sens_fn = _sensitivity_sqnr if opts["sensitivity"] == "sqnr" else _sensitivity_loss
     t0 = time.perf_counter()
-    base_loss, losses, passes = sens_fn(work, base_plan, candidates, calib, sens_windows, opts, search_config, progress)
+    with _smoothed_head(work, calib):
+        base_loss, losses, passes = sens_fn(work, base_plan, candidates, calib, sens_windows, opts, search_config,
+                                            progress)
     evals["sensitivity_passes"] += passes
     ranking = sorted(candidates, key=lambda n: (-(losses[n] - base_loss), n))
     sensitivity = [{"module": n, "kind": base_plan[n].kind, "score": losses[n] - base_loss} for n in ranking]
@@ -645,7 +681,14 @@ def search(
         if k in trials:
             return trials[k]["increase"]
         cfg, _, _ = config_for(k, search_config)
-        plan_k = resolve_plan(work, cfg)
+        # resolved on the float model, as quantize_model does before calibrating: after SmoothQuant folded a
+        # tied LM head, `work`'s embedding no longer reads as tied, and a plan made from it would quantize the
+        # smoothed rows as the embedding (garbage lookups)
+        plan_k = resolve_plan(float_model, cfg)
+        for entry in plan_k:  # what calibration recorded on the base plan (a tied embedding's 1/s after head SQ)
+            base_entry = base_plan.get(entry.name)
+            if base_entry is not None and "embed_channel_scale" in base_entry.extra:
+                entry.extra["embed_channel_scale"] = base_entry.extra["embed_channel_scale"]
         model_k = copy.deepcopy(work)
         weights = {n: w for n, w in (getattr(calib, "weights", {}) or {}).items()
                    if plan_k.get(n) is not None and plan_k[n].precision != "skip"}

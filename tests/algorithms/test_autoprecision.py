@@ -192,3 +192,28 @@ def test_inputs_and_options_are_validated(planted):
         validate_options("auto_precision", {"fallback": "int3"})
     assert validate_options("auto_precision", {"fallback": {"precision": "int8", "activations": "none"}})["fallback"] \
         == {"precision": "int8", "activations": "none"}
+
+
+def test_search_trials_match_quantize_model_with_a_smoothed_tied_head():
+    """SmoothQuant on a tied LM head records the embedding's 1/s on the base plan and keeps the head's W * s
+    out of the float model. The search's k=0 trial must convert exactly what quantize_model builds (it once
+    lost the 1/s and scored garbage), and ``kind:`` candidates use the rule syntax."""
+    import copy
+
+    import hfptq
+
+    model = tiny_model("gemma3_text")
+    gen = torch.Generator().manual_seed(5)
+    vocab = model.config.vocab_size
+    calib, ev, ho = (torch.randint(0, vocab, (4, 32), generator=gen) for _ in range(3))
+    config = HfPtqConfig(smoothquant={"alpha": 0.5, "groups": ["gate_up", "head"]}, calibration={"dataset": "unused"})
+    quantized = hfptq.quantize_model(copy.deepcopy(model), config, calibration_data=calib, progress=False)
+    assert quantized.hfptq_plan["model.embed_tokens"].extra.get("embed_channel_scale") is not None  # head smoothed
+    expected = mean_nll(quantized, ev)
+    res = search(model, config, {"max_ppl_increase_pct": 1000.0}, calibration=calib, eval_windows=ev,
+                 heldout_windows=ho, progress=False, options={"candidates": ["kind:lm_head", "kind:ffn"]})
+    trial0 = next(t for t in res.report["trials"] if t["k"] == 0)
+    assert trial0["value"] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    with pytest.raises(ConfigError, match="unknown kind"):
+        search(model, config, calibration=calib, eval_windows=ev, heldout_windows=ho, progress=False,
+               options={"candidates": ["kind:mlp"]})
