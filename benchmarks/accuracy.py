@@ -55,7 +55,8 @@ Run (the machine is shared)::
     python benchmarks/accuracy.py                                  # both models, all rows (hours on 2 cores)
     python benchmarks/accuracy.py --models smollm2-135m --quick    # smoke test: tiny slices
 
-Prints one Markdown table per model; ``--json PATH`` also writes the raw numbers.
+Prints one Markdown table per model; ``--json PATH`` also writes the raw numbers, and
+``--render PATH...`` prints the tables of such files again.
 """
 from __future__ import annotations
 
@@ -339,7 +340,21 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 windows, 4 calibration samples")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--render", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="print the tables of earlier --json files and exit")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        import ast
+
+        for path in args.render:
+            saved = json.loads(path.read_text())
+            for key in ("seq_len", "calib_samples", "threads"):
+                setattr(args, key, int(saved["args"][key]))
+            args.rows = ast.literal_eval(saved["args"]["rows"])
+            for result in saved["results"]:
+                print(table(result, args))
+                print()
+        return
     if args.quick:
         args.windows, args.calib_samples, args.search_windows = 2, 4, 2
     _data_dir()
