@@ -687,8 +687,8 @@ def search(
         plan_k = resolve_plan(float_model, cfg)
         for entry in plan_k:  # what calibration recorded on the base plan (a tied embedding's 1/s after head SQ)
             base_entry = base_plan.get(entry.name)
-            if base_entry is not None and "embed_channel_scale" in base_entry.extra:
-                entry.extra["embed_channel_scale"] = base_entry.extra["embed_channel_scale"]
+            for key, value in (base_entry.extra if base_entry is not None else {}).items():
+                entry.extra.setdefault(key, value)
         model_k = copy.deepcopy(work)
         weights = {n: w for n, w in (getattr(calib, "weights", {}) or {}).items()
                    if plan_k.get(n) is not None and plan_k[n].precision != "skip"}

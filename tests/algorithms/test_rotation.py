@@ -19,6 +19,14 @@ from .conftest import tiny_model
 DOWN_ROTATED = [{"targets": ["down_proj"], "precision": "int8", "activations": {"mode": "dynamic", "rotation": 32}}]
 
 
+def _rotated_quant_linear(lin, block, weight_args, act_args):
+    """``lin`` as a QuantLinear whose weight is stored as ``W H`` and whose input is rotated (``block`` 0: plain)."""
+    src = copy.deepcopy(lin)
+    if block:
+        src.weight.data = rotate(src.weight.data, block)
+    return QuantLinear.from_float(src, weight_args=weight_args, act_args={**act_args, "rotation": block})
+
+
 def _logits(model, batches):
     with torch.no_grad():
         return torch.cat([model(input_ids=b).logits for b in batches])
@@ -68,11 +76,8 @@ def test_rotation_lowers_the_int8_error_of_outlier_channels():
     errors = {}
     with torch.no_grad():
         for block in (0, 64):
-            src = copy.deepcopy(lin)
-            if block:
-                src.weight.data = rotate(src.weight.data, block)
-            q = QuantLinear.from_float(src, weight_args={"bits": 8, "symmetric": True, "granularity": "channel"},
-                                       act_args={"mode": "dynamic", "symmetric": False, "rotation": block})
+            q = _rotated_quant_linear(lin, block, {"bits": 8, "symmetric": True, "granularity": "channel"},
+                                      {"mode": "dynamic", "symmetric": False})
             ref = (rotate(x, block) if block else x) @ q.dequantized_weight().T
             errors[block] = float((q(x) - ref).pow(2).mean() / ref.pow(2).mean())
     assert errors[64] < errors[0] / 10, errors
@@ -184,12 +189,8 @@ def test_weight_only_rotation_lowers_the_int4_group_error_of_outlier_columns():
     errors = {}
     with torch.no_grad():
         for block in (0, 64):
-            src = copy.deepcopy(lin)
-            if block:
-                src.weight.data = rotate(src.weight.data, block)
-            q = QuantLinear.from_float(src, weight_args={"bits": 4, "symmetric": False, "granularity": "group",
-                                                          "group_size": 64},
-                                       act_args={"mode": "none", "rotation": block})
+            q = _rotated_quant_linear(lin, block, {"bits": 4, "symmetric": False, "granularity": "group",
+                                                   "group_size": 64}, {"mode": "none"})
             assert q.input_rotation == block
             errors[block] = float((q(x) - ref).pow(2).mean() / ref.pow(2).mean())
     assert errors[64] < errors[0] / 4, errors
