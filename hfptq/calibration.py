@@ -203,7 +203,11 @@ class HessianAccumulator:
         if self.names is not None and name not in self.names:
             return
         x2 = x.detach().reshape(-1, x.shape[-1]).float()
-        xtx = x2.t() @ x2
+        # the hooks fire inside the calibration forwards, which may run under bfloat16 autocast: a
+        # bfloat16 Gram matrix is not positive semi-definite to working precision (GPTQ's Cholesky then
+        # fails at the requested dampening and retries with 10-1000x more), so this product stays float32
+        with torch.autocast(device_type=x2.device.type, enabled=False):
+            xtx = x2.t() @ x2
         if name in self.sums:
             self.sums[name] += xtx
         else:

@@ -763,3 +763,25 @@ def test_bfloat16_calibration_close_to_float32(model_dirs, text_file, tokenizer)
         assert scales["bfloat16"][name] == pytest.approx(ref, rel=0.05), name
         differ += scales["bfloat16"][name] != ref
     assert differ > 0  # the autocast really ran
+
+
+def test_hessian_accumulator_is_float32_under_bfloat16_autocast():
+    """Calibration forwards may run under bf16 autocast; the Gram matrix must not (GPTQ's Cholesky)."""
+    torch.manual_seed(0)
+    # heavy-tailed, correlated inputs like a down_proj's: a bf16 Gram matrix of these is indefinite
+    x = (torch.randn(4096, 256) * torch.logspace(-2, 1, 256)) @ torch.randn(256, 256)
+    ref = HessianAccumulator(["fc"])
+    ref("fc", x, 0)
+    under = HessianAccumulator(["fc"])
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        under("fc", x, 0)
+    assert under.hessian("fc").dtype == torch.float32
+    assert torch.equal(under.hessian("fc"), ref.hessian("fc"))
+    x64 = x.double()
+    torch.testing.assert_close(ref.hessian("fc").double(), 2 * x64.t() @ x64 / x.shape[0], rtol=1e-4, atol=1e-3)
+    # and GPTQ factorises it at the requested 1% dampening, without retries
+    from hfptq.algorithms.gptq import gptq_quantize
+
+    out = gptq_quantize(torch.randn(32, 256), under.hessian("fc"), {"bits": 4, "granularity": "group",
+                                                                    "group_size": 128, "symmetric": False})
+    assert out.info["damp_retries"] == 0 and out.info["fallback"] is None
