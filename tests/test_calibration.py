@@ -768,7 +768,7 @@ def test_bfloat16_calibration_close_to_float32(model_dirs, text_file, tokenizer)
 def test_hessian_accumulator_is_float32_under_bfloat16_autocast():
     """Calibration forwards may run under bf16 autocast; the Gram matrix must not (GPTQ's Cholesky)."""
     torch.manual_seed(0)
-    # heavy-tailed, correlated inputs like a down_proj's: a bf16 Gram matrix of these is indefinite
+    # correlated inputs with channel scales over three decades, like a down_proj's
     x = (torch.randn(4096, 256) * torch.logspace(-2, 1, 256)) @ torch.randn(256, 256)
     ref = HessianAccumulator(["fc"])
     ref("fc", x, 0)
