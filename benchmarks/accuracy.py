@@ -135,11 +135,11 @@ def _pow2(n: int) -> int:
 
 
 def _configs(model_type: str, calibration: Dict[str, Any], group: int, intermediate: int,
-             attn_width: int = 0, hidden: int = 0) -> Dict[str, Any]:
+             attn_width: int = 0, hidden: int = 0, damp: float = 0.01) -> Dict[str, Any]:
     from hfptq import HfPtqConfig
 
     sq = {"alpha": "search"}
-    gptq = {"block_size": 128, "damp": 0.01, "act_order": False}
+    gptq = {"block_size": 128, "damp": damp, "act_order": False}
     int4 = dict(activations="none", scheme={"attention": "int4", "ffn": "int4", "lm_head": "int8"},
                 rules=[{"targets": ["kind:attention", "kind:ffn"], "precision": "int4",
                         "weights": {"granularity": "group", "group_size": group, "symmetric": False,
@@ -248,7 +248,7 @@ def run_model(name: str, args, on_row: Optional[Callable[[Dict[str, Any]], None]
     cfg = model.config
     configs = _configs(cfg.model_type, calibration, group, cfg.intermediate_size,
                        cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads),
-                       cfg.hidden_size)
+                       cfg.hidden_size, args.gptq_damp)
     for row in args.rows:
         if row == "auto +0.3%":
             continue
@@ -336,6 +336,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--sensitivity-windows", type=int, default=1)
     parser.add_argument("--auto-candidates", nargs="+", default=None,
                         help="restrict the auto search to these kinds/names (default: every quantized module)")
+    parser.add_argument("--gptq-damp", type=float, default=0.01,
+                        help="GPTQ dampening of every GPTQ row, as a fraction of mean(diag(H)) (default 0.01)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 windows, 4 calibration samples")
