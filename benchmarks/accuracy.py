@@ -32,6 +32,7 @@ What is measured
                     of 128 (SmolLM2: 64) with MSE clipping, ``down_proj`` in the largest power-of-two
                     block dividing the intermediate size (Gemma: 2048, SmolLM2: 512) with percentile
                     99.9; LM head dynamic + SmoothQuant
+  ... +GPTQ         the same, then GPTQ on every quantized weight (FFN and head)
   INT4 RTN          attention + FFN INT4 weight-only, asymmetric (16 levels + zero point), groups of
                     128 (SmolLM2: 64, since 576 is not a multiple of 128), MSE-searched clipping of each
                     group's range (``observer="mse"``), LM head INT8 weight-only, round-to-nearest
@@ -43,7 +44,8 @@ What is measured
                     "rotation": B}``), B the largest power of two dividing the module's in_features
                     (Gemma: 128 for q/k/v/gate/up, 1024 for o_proj, 2048 for down_proj): the weight
                     is stored as ``W H``, its groups lose their outlier columns (incoherence)
-  INT4 rot+GPTQ     the same with GPTQ (act-order, static groups)
+  INT4 rot+GPTQ     the same with GPTQ (act-order, static groups; ``--gptq-act-order off``: columns in
+                    order, each group's range taken from the error-compensated weights)
   auto +0.3%        :func:`hfptq.algorithms.autoprecision.search` from "all W8A8 SQ+GPTQ" with a
                     +0.3 % perplexity budget: searched on ``--search-windows`` windows from the
                     *second* half of the validation rows, verified on the test windows above
@@ -85,6 +87,7 @@ GOALS = {  # row -> maximum perplexity increase in %, from the issue
     "all W8A8 SQ+GPTQ": 1.0,
     "static FFN SQ+GPTQ": 1.5,
     "static FFN rotation": 1.5,
+    "static FFN rotation+GPTQ": 1.5,
     "INT4 GPTQ": 5.0,
     "INT4 AWQ+GPTQ": 5.0,
     "INT4 rot+GPTQ": 5.0,
@@ -92,6 +95,7 @@ GOALS = {  # row -> maximum perplexity increase in %, from the issue
 }
 ROWS = ("default RTN", "default SQ", "default SQ+GPTQ", "default SQ+GPTQ fp32", "default SQ+rotation", "all W8A8 RTN",
         "all W8A8 SQ", "all W8A8 SQ+GPTQ", "static FFN SQ+GPTQ", "static FFN rotation",
+        "static FFN rotation+GPTQ",
         "INT4 RTN", "INT4 AWQ", "INT4 GPTQ", "INT4 AWQ+GPTQ", "INT4 rot RTN", "INT4 rot+GPTQ", "auto +0.3%")
 
 
@@ -135,7 +139,7 @@ def _pow2(n: int) -> int:
 
 
 def _configs(model_type: str, calibration: Dict[str, Any], group: int, intermediate: int,
-             attn_width: int = 0, hidden: int = 0, damp: float = 0.01) -> Dict[str, Any]:
+             attn_width: int = 0, hidden: int = 0, damp: float = 0.01, int4_act_order: bool = True) -> Dict[str, Any]:
     from hfptq import HfPtqConfig
 
     sq = {"alpha": "search"}
@@ -178,13 +182,14 @@ def _configs(model_type: str, calibration: Dict[str, Any], group: int, intermedi
             calibration={**calibration, "observer": "percentile", "percentile": 99.99},
             rules=[{"targets": ["kind:lm_head"], "precision": "int8", "activations": "dynamic"}]),
         "static FFN rotation": lambda: HfPtqConfig(**static, rules=static_rot),
+        "static FFN rotation+GPTQ": lambda: HfPtqConfig(**static, rules=static_rot, gptq=gptq),
         "INT4 RTN": lambda: HfPtqConfig(**int4, calibration=calibration),
         "INT4 AWQ": lambda: HfPtqConfig(**int4, smoothquant=sq, calibration=calibration),
-        "INT4 GPTQ": lambda: HfPtqConfig(**int4, gptq={**gptq, "act_order": True}, calibration=calibration),
-        "INT4 AWQ+GPTQ": lambda: HfPtqConfig(**int4, smoothquant=sq, gptq={**gptq, "act_order": True},
+        "INT4 GPTQ": lambda: HfPtqConfig(**int4, gptq={**gptq, "act_order": int4_act_order}, calibration=calibration),
+        "INT4 AWQ+GPTQ": lambda: HfPtqConfig(**int4, smoothquant=sq, gptq={**gptq, "act_order": int4_act_order},
                                              calibration=calibration),
         "INT4 rot RTN": lambda: HfPtqConfig(**int4_rot, calibration=calibration),
-        "INT4 rot+GPTQ": lambda: HfPtqConfig(**int4_rot, gptq={**gptq, "act_order": True}, calibration=calibration),
+        "INT4 rot+GPTQ": lambda: HfPtqConfig(**int4_rot, gptq={**gptq, "act_order": int4_act_order}, calibration=calibration),
     }
 
 
@@ -248,7 +253,7 @@ def run_model(name: str, args, on_row: Optional[Callable[[Dict[str, Any]], None]
     cfg = model.config
     configs = _configs(cfg.model_type, calibration, group, cfg.intermediate_size,
                        cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads),
-                       cfg.hidden_size, args.gptq_damp)
+                       cfg.hidden_size, args.gptq_damp, args.gptq_act_order == "on")
     for row in args.rows:
         if row == "auto +0.3%":
             continue
@@ -338,6 +343,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="restrict the auto search to these kinds/names (default: every quantized module)")
     parser.add_argument("--gptq-damp", type=float, default=0.01,
                         help="GPTQ dampening of every GPTQ row, as a fraction of mean(diag(H)) (default 0.01)")
+    parser.add_argument("--gptq-act-order", choices=("on", "off"), default="on",
+                        help="act-order of the INT4 GPTQ rows (default on, with static groups)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 windows, 4 calibration samples")
