@@ -209,7 +209,7 @@ def _algorithms_text(algorithms: Optional[List[Dict[str, Any]]]) -> str:
             text = f"GPTQ {a['modules']} modules"
             if a.get("error_reduction") is not None:
                 text += f", weight error -{a['error_reduction']:.0%} vs RTN"
-            if a.get("damp_retries"):
+            if a.get("damp_retries") is not None:
                 text += f", {a['damp_retries']} damp retries"
             if a.get("fallbacks"):
                 text += f", {len(a['fallbacks'])} RTN fallbacks"
@@ -319,7 +319,8 @@ def table(result: Dict[str, Any], args) -> str:
         if row == "auto +0.3%":
             rep = r["report"]
             ev = rep["evaluations"]
-            text = (f"{len(rep['kept'])}/{rep['num_candidates']} modules kept FP16 ({rep['kept_kinds']}); "
+            kinds = ", ".join(f"{count} {kind}" for kind, count in rep["kept_kinds"].items())
+            text = (f"{len(rep['kept'])}/{rep['num_candidates']} modules kept FP16 ({kinds}); "
                     f"int8-matmul share of linear MACs {rep['speed']['final_int8_mac_share']:.0%} "
                     f"(base {rep['speed']['base_int8_mac_share']:.0%}); {ev['full_evaluations']} full evals "
                     f"({ev['search']} search + {ev['heldout']} held-out + {ev['baselines']} float) + "
