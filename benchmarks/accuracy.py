@@ -139,11 +139,12 @@ def _pow2(n: int) -> int:
 
 
 def _configs(model_type: str, calibration: Dict[str, Any], group: int, intermediate: int,
-             attn_width: int = 0, hidden: int = 0, damp: float = 0.01, int4_act_order: bool = True) -> Dict[str, Any]:
+             attn_width: int = 0, hidden: int = 0, damp: float = 0.01, int4_act_order: bool = True,
+             gptq_extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     from hfptq import HfPtqConfig
 
     sq = {"alpha": "search"}
-    gptq = {"block_size": 128, "damp": damp, "act_order": False}
+    gptq = {"block_size": 128, "damp": damp, "act_order": False, **(gptq_extra or {})}
     int4 = dict(activations="none", scheme={"attention": "int4", "ffn": "int4", "lm_head": "int8"},
                 rules=[{"targets": ["kind:attention", "kind:ffn"], "precision": "int4",
                         "weights": {"granularity": "group", "group_size": group, "symmetric": False,
@@ -207,6 +208,10 @@ def _algorithms_text(algorithms: Optional[List[Dict[str, Any]]]) -> str:
             parts.append(text)
         elif a["name"] == "gptq":
             text = f"GPTQ {a['modules']} modules"
+            if a.get("true_sequential"):
+                text += " true-sequential"
+            if a.get("float_target_shift") is not None:
+                text += f", float targets (weights moved {a['float_target_shift']:.1%} before rounding)"
             if a.get("error_reduction") is not None:
                 text += f", weight error -{a['error_reduction']:.0%} vs RTN"
             if a.get("damp_retries") is not None:
@@ -253,7 +258,9 @@ def run_model(name: str, args, on_row: Optional[Callable[[Dict[str, Any]], None]
     cfg = model.config
     configs = _configs(cfg.model_type, calibration, group, cfg.intermediate_size,
                        cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads),
-                       cfg.hidden_size, args.gptq_damp, args.gptq_act_order == "on")
+                       cfg.hidden_size, args.gptq_damp, args.gptq_act_order == "on",
+                       {"true_sequential": args.gptq_true_sequential == "on",
+                        "float_targets": args.gptq_float_targets == "on"})
     for row in args.rows:
         if row == "auto +0.3%":
             continue
@@ -346,6 +353,12 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="GPTQ dampening of every GPTQ row, as a fraction of mean(diag(H)) (default 0.01)")
     parser.add_argument("--gptq-act-order", choices=("on", "off"), default="on",
                         help="act-order of the INT4 GPTQ rows (default on, with static groups)")
+    parser.add_argument("--gptq-true-sequential", choices=("on", "off"), default="off",
+                        help="gptq.true_sequential of every GPTQ row: round q/k/v, o, gate/up, down in turn, each "
+                             "group's Hessian taken after the earlier ones were rounded (default off)")
+    parser.add_argument("--gptq-float-targets", choices=("on", "off"), default="off",
+                        help="gptq.float_targets of every GPTQ row: fit each module to the float model's output "
+                             "(GPTAQ-style), not to the drifted layer's own; turns true-sequential on (default off)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 windows, 4 calibration samples")

@@ -224,6 +224,65 @@ class HessianAccumulator:
         return sum(t.numel() * t.element_size() for t in self.sums.values())
 
 
+class CrossAccumulator:
+    """Running ``C = 2/N · Σ x_q x_fᵀ`` pairing each module input with the float model's (GPTAQ targets).
+
+    ``targets[batch_index][name]`` holds the float model's input of ``name`` for that calibration
+    batch (captured beforehand, same token positions); each call with the quantized model's input
+    ``x_q`` adds ``x_qᵀ x_f``. Accumulated in float32, ``[in_features, in_features]`` per module.
+
+    Example:
+        >>> acc = CrossAccumulator(["fc"], [{"fc": torch.tensor([[1.0, 2.0]])}])
+        >>> acc("fc", torch.tensor([[3.0, 0.0]]), 0)
+        >>> acc.cross("fc")
+        tensor([[6., 12.],
+                [0., 0.]])
+    """
+
+    def __init__(self, names: Sequence[str], targets: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        self.names = set(names)
+        self.targets = targets
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.counts: Dict[str, int] = {}
+
+    def __call__(self, name: str, x: torch.Tensor, batch_index: int) -> None:
+        if name not in self.names:
+            return
+        xq = x.detach().reshape(-1, x.shape[-1]).float()
+        xf = self.targets[batch_index][name].to(xq.device)
+        if xf.shape != xq.shape:
+            raise CalibrationError(f"gptq.float_targets: the float model's input of {name!r} has shape "
+                                   f"{tuple(xf.shape)}, the quantized model's {tuple(xq.shape)}.")
+        with torch.autocast(device_type=xq.device.type, enabled=False):
+            c = xq.t() @ xf
+        if name in self.sums:
+            self.sums[name] += c
+        else:
+            self.sums[name] = c
+        self.counts[name] = self.counts.get(name, 0) + xq.shape[0]
+
+    def cross(self, name: str) -> torch.Tensor:
+        """``2/N · Σ x_q x_fᵀ`` of ``name`` (float32), normalised like :meth:`HessianAccumulator.hessian`."""
+        if name not in self.sums:
+            raise CalibrationError(f"No input was recorded for {name!r}; its float-target correction cannot be computed.")
+        return self.sums[name] * (2.0 / max(1, self.counts[name]))
+
+
+class _InputCapture:
+    """Stores each module's input (float32, ``[tokens, in]``) of the current batch: the float targets."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = set(names)
+        self.batches: List[Dict[str, torch.Tensor]] = []
+
+    def __call__(self, name: str, x: torch.Tensor, batch_index: int) -> None:
+        if name not in self.names:
+            return
+        while len(self.batches) <= batch_index:
+            self.batches.append({})
+        self.batches[batch_index][name] = x.detach().reshape(-1, x.shape[-1]).float().clone()
+
+
 # ------------------------------------------------------------------------------------------------
 # Model structure
 # ------------------------------------------------------------------------------------------------
@@ -594,6 +653,7 @@ def estimate_calibration_memory(
     per_layer_out = 0
     per_layer_params = 0
     per_layer_hessian = 0
+    per_layer_inputs = 0  # gptq.float_targets: float inputs of a layer's GPTQ modules, every calibration token
     n_layers = 1
     if layers is not None:
         name, stack = layers
@@ -607,6 +667,8 @@ def estimate_calibration_memory(
             hess = sum(e.in_features ** 2 * 4 for e in plan if e.name.startswith(prefix) and e.quantized
                        and e.kind != "embedding")
             per_layer_hessian = max(per_layer_hessian, hess)
+            per_layer_inputs = max(per_layer_inputs, sum(e.in_features for e in plan if e.name.startswith(prefix)
+                                                         and e.quantized and e.kind != "embedding"))
     activations = tokens * dsize * (per_layer_out + 4 * hidden) + batch * heads * seq_len * seq_len * 4
     if est.mode == "sequential":
         est.hidden_states = num_samples * seq_len * hidden * dsize
@@ -620,6 +682,9 @@ def estimate_calibration_memory(
         if config.gptq is not None:
             extra += per_layer_hessian
             extra += sum(e.in_features * e.out_features * 4 for e in plan if e.quantized and e.kind != "embedding")
+            if bool(dict(config.gptq).get("float_targets")) and est.mode == "sequential":
+                # the float stream's hidden states, the float inputs of one layer's modules, their cross terms
+                extra += num_samples * seq_len * (hidden * dsize + per_layer_inputs * 4) + per_layer_hessian
         est.algorithms = extra
     return est
 
@@ -916,6 +981,7 @@ class _Engine:
         self.templates: Dict[int, Dict[int, Any]] = {}
         self.order: Optional[List[int]] = None
         self.cache: Optional[torch.Tensor] = None
+        self.float_cache: Optional[torch.Tensor] = None  # gptq.float_targets: the float model's stream
         real_probe = False
         for b, (start, end) in enumerate(self.slices):
             self.batch_index = b
@@ -966,15 +1032,24 @@ class _Engine:
         return True
 
     # -------------------------------------------------------------------- sequential: layers
-    def _layer_pass(self, index: int, layer: nn.Module, write: bool, desc: str) -> None:
+    def _layer_pass(self, index: int, layer: nn.Module, write: bool, desc: str,
+                    cache: Optional[torch.Tensor] = None) -> None:
+        """Run decoder layer ``index`` over every calibration batch of ``cache`` (default: the
+        quantized stream), writing the outputs back when ``write``; a hook raising ``_StopForward``
+        ends a batch early (the passes that only need the inputs of the first modules)."""
         name, _ = self.layers
+        cache = self.cache if cache is None else cache
         device = _module_device(layer, self.input_device)
         for b, (start, end) in enumerate(self.slices):
             self.batch_index = b
             rest, kwargs = self.calls[end - start][index]
-            hidden = self.cache[start:end].to(device)
-            with self._compute():
-                out = _hidden_of(layer(hidden, *rest, **kwargs))
+            hidden = cache[start:end].to(device)
+            try:
+                with self._compute():
+                    out = _hidden_of(layer(hidden, *rest, **kwargs))
+            except _StopForward:
+                self._tick(desc)
+                continue
             if not bool(torch.isfinite(out).all()):
                 raise CalibrationError(
                     f"Decoder layer {name}.{index} produced NaN/Inf in calibration batch {b} (samples {start}-{end - 1}). "
@@ -987,11 +1062,56 @@ class _Engine:
                         f"Decoder layer {name}.{index} changes the hidden-state shape ({tuple(hidden.shape)} -> "
                         f"{tuple(out.shape)}); calibrate this architecture with calibration.sequential=False."
                     )
-                self.cache[start:end].copy_(out)
+                cache[start:end].copy_(out)
             self._tick(desc)
+
+    def _gptq_options(self) -> Dict[str, Any]:
+        from .algorithms import validate_options
+
+        return validate_options("gptq", self.config.gptq)
+
+    def _call_groups(self, index: int, layer: nn.Module, names: Sequence[str],
+                     modules: Mapping[str, nn.Module]) -> List[List[str]]:
+        """``names`` grouped by shared input, in call order (q/k/v, o, gate/up, down), from one batch.
+
+        Modules called with the same input tensor (before any rotation hook) form one group; a
+        module never called in the probe batch goes last, alone.
+        """
+        order: List[Tuple[str, int]] = []
+        handles = []
+
+        def hook(mod, args, kwargs, _name):
+            x = args[0] if args else next(iter(kwargs.values()))
+            if all(n != _name for n, _ in order):
+                order.append((_name, x.data_ptr() if isinstance(x, torch.Tensor) else id(x)))
+
+        try:
+            for n in names:
+                handles.append(modules[n].register_forward_pre_hook(
+                    lambda mod, args, kwargs, _n=n: hook(mod, args, kwargs, _n), with_kwargs=True, prepend=True))
+            start, end = self.slices[0]
+            rest, kwargs = self.calls[end - start][index]
+            with torch.inference_mode(), self._compute():
+                layer(self.cache[start:end].to(_module_device(layer, self.input_device)), *rest, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        groups: List[List[str]] = []
+        last = None
+        for n, key in order:
+            if groups and key == last:
+                groups[-1].append(n)
+            else:
+                groups.append([n])
+            last = key
+        seen = {n for n, _ in order}
+        groups += [[n] for n in names if n not in seen]
+        return groups
 
     def _run_layers(self) -> None:
         name, layers = self.layers
+        if self.gptq is not None and self._gptq_options()["float_targets"]:
+            self.float_cache = self.cache.clone()  # the float model's hidden states (GPTAQ targets)
         linear_entries = [e for e in self.plan if e.kind != "embedding" and e.precision != "skip"]
         total = len(self.order)
         for position, index in enumerate(self.order):
@@ -1029,29 +1149,60 @@ class _Engine:
                                             inputs=None if sampler is None else sampler.samples(), observers=observers)
                 self.info_sq[f"{name}.{index}"] = info
             consumers: List[StatsHook] = list(self.extra_stats_hooks)
-            hessians = None
             gptq_here = [n for n in self.gptq_names if n.startswith(prefix)]
+            opts = self._gptq_options() if self.gptq is not None else {}
+            targets = None
+            if opts.get("float_targets"):
+                # the float layer (smoothed, not yet rounded) on the float stream: its module inputs are
+                # the GPTAQ targets, its outputs the next layer's float input
+                capture = _InputCapture(gptq_here)
+                with torch.no_grad():
+                    reference = copy.deepcopy(work)
+                with torch.inference_mode(), self._hooks(
+                        {n: reference.get_submodule(n[len(prefix):]) for n in gptq_here}, [capture], observe=False):
+                    self._layer_pass(index, reference, write=True, desc=desc, cache=self.float_cache)
+                del reference
+                targets = capture.batches
+            groups = self._call_groups(index, work, gptq_here, modules) if gptq_here and opts.get("true_sequential") \
+                else [gptq_here]
+            for g, group in enumerate(groups):
+                first = g == 0
+                hessians = HessianAccumulator(group) if group else None
+                cross = CrossAccumulator(group, targets) if group and targets is not None else None
+                hooked = modules if first else {n: modules[n] for n in group}
+                stop = None
+                if len(groups) > 1 and (not first or not (consumers or any(n in self.slots for n in modules))):
+                    stop = modules[group[-1]]  # only the group's inputs are needed: end the batch there
+                with torch.inference_mode(), self._hooks(
+                        hooked, (consumers if first else []) + [c for c in (hessians, cross) if c is not None],
+                        observe=first, stop_after=stop):
+                    self._layer_pass(index, work, write=not gptq_here, desc=desc)
+                for module_name in group:
+                    self._gptq_module(module_name, modules[module_name], hessians, cross)
+                del hessians, cross
             if gptq_here:
-                hessians = HessianAccumulator(gptq_here)
-                consumers.append(hessians)
-            with torch.inference_mode(), self._hooks(modules, consumers, observe=True):
-                self._layer_pass(index, work, write=not gptq_here, desc=desc)
-            if gptq_here:
-                for module_name in gptq_here:
-                    self._gptq_module(module_name, modules[module_name], hessians)
-                del hessians
                 with torch.inference_mode():
                     self._layer_pass(index, work, write=True, desc=desc)
             if self.algorithms:
                 self._record_changes(layer, work, prefix)
                 del work
 
-    def _gptq_module(self, name: str, module: nn.Module, hessians: HessianAccumulator) -> None:
+    def _gptq_module(self, name: str, module: nn.Module, hessians: HessianAccumulator,
+                     cross: Optional[CrossAccumulator] = None) -> None:
         entry = self.plan[name]
+        shift = None
         with torch.no_grad():
             hessian = hessians.hessian(name).clone()
             weight = _weight_out_in(module).detach().float().clone()
+            if cross is not None:
+                from .algorithms.gptq import float_target_weight
+
+                opts = self._gptq_options()
+                weight, fit = float_target_weight(weight, hessian, cross.cross(name), opts["damp"], opts["max_damp_retries"])
+                shift = fit["shift"]
             out = self.gptq(weight, hessian, dict(entry.weights), **dict(self.config.gptq))
+            if shift is not None and getattr(out, "info", None) is not None:
+                out.info["float_target_shift"] = shift
             new = out.weight.detach()
             if tuple(new.shape) != tuple(weight.shape):
                 raise CalibrationError(f"GPTQ returned a weight of shape {tuple(new.shape)} for {name!r} "
@@ -1297,6 +1448,10 @@ class _Engine:
                                                layers=self.layers, sequential=self.layers is not None)
         n_batches = len(self.slices)
         passes = 1 + (self.smoothquant is not None) + (self.gptq is not None)
+        if self.gptq is not None:
+            gptq_opts = self._gptq_options()
+            # true sequential: ~4 groups a layer (q/k/v, o, gate/up, down), the first in the observing pass
+            passes += 3 * gptq_opts["true_sequential"] + gptq_opts["float_targets"]
         observers = sorted({s.settings["observer"] for s in self.slots.values()})
         self._announce(
             f"hfptq calibration: {self.num_samples} samples x {self.seq_len} tokens in {n_batches} batches of "
@@ -1318,6 +1473,7 @@ class _Engine:
                     self.bar.total = n_batches * (1 + passes * (self.last_needed + 1) + int(self.tail_needed))
                     self.bar.refresh()
                     self._run_layers()
+                    self.float_cache = None
                     self._run_tail()
                 else:
                     if self.algorithms:

@@ -626,6 +626,126 @@ def test_gptq_plumbing(model_dirs, text_file, tokenizer, monkeypatch):
         assert torch.equal(model.state_dict()[key], value), key
 
 
+def _coarse_gptq(calls):
+    """A fake GPTQ rounding to 3 levels a row (big, Hessian-independent changes) and recording its inputs."""
+
+    def gptq_quantize(weight, hessian, weight_args, **options):
+        calls.append((weight.clone(), hessian.clone(), dict(options)))
+        scale = weight.abs().amax(1, keepdim=True).clamp_min(1e-8)
+        q = torch.round(weight / scale) * scale
+        return types.SimpleNamespace(weight=q, scale=scale, zero_point=None, info={})
+
+    return gptq_quantize
+
+
+def _weight_only_gptq(text_file, **gptq):
+    # float32 forwards (no bfloat16 autocast), so that the streams can be recomputed exactly
+    return hfptq.HfPtqConfig(activations="none", scheme={"attention": "int8"}, calibration=_spec(text_file, dtype="model"),
+                             gptq={"damp": 0.01, **gptq})
+
+
+def _run_fake_gptq(model_dirs, text_file, tokenizer, monkeypatch, **gptq):
+    calls = []
+    _no_algorithm_summary(monkeypatch)
+    monkeypatch.setitem(sys.modules, "hfptq.algorithms.gptq",
+                        types.SimpleNamespace(gptq_quantize=_coarse_gptq(calls),
+                                              float_target_weight=__import__("hfptq.algorithms.gptq", fromlist=["x"])
+                                              .float_target_weight))
+    config = _weight_only_gptq(text_file, **gptq)
+    ids = calibration_batches(config.calibration, tokenizer, progress=False)
+    model = _load_float(model_dirs["llama"])
+    plan = resolve_plan(model, config)
+    result = calibrate(model, plan, config, ids, progress=False)
+    return model, plan, ids, calls, result
+
+
+def test_true_sequential_takes_each_hessian_after_the_earlier_groups_are_rounded(model_dirs, text_file, tokenizer,
+                                                                                  monkeypatch):
+    model, plan, ids, off, _ = _run_fake_gptq(model_dirs, text_file, tokenizer, monkeypatch)
+    _, _, _, on, result = _run_fake_gptq(model_dirs, text_file, tokenizer, monkeypatch, true_sequential=True)
+    names = [e.name for e in plan if e.quantized and e.kind != "embedding"]
+    assert len(on) == len(off) == len(names) == 3 * 7 + 1  # 3 layers x (q k v o gate up down) + head
+    order = [n for n in names if n.startswith("model.layers.0.")]
+    assert [n.rsplit(".", 1)[1] for n in order] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj"]
+    # q/k/v see the float layer input either way; o, gate/up and down see the rounded q/k/v (o...) only
+    # with true_sequential
+    for i in range(3):
+        assert torch.equal(on[i][1], off[i][1])
+    for i in range(3, 7):
+        assert not torch.allclose(on[i][1], off[i][1], rtol=1e-3, atol=1e-5), order[i]
+    # the o_proj Hessian is exactly the one of the layer whose q/k/v hold the rounded weights
+    ref = _load_float(model_dirs["llama"])
+    attn = ref.model.layers[0].self_attn
+    with torch.no_grad():
+        for i, proj in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
+            w = proj.weight
+            scale = w.abs().amax(1, keepdim=True)
+            w.copy_(torch.round(w / scale) * scale)
+    acc = HessianAccumulator(["o"])
+    handle = attn.o_proj.register_forward_pre_hook(lambda mod, args: acc("o", args[0], 0))
+    with torch.no_grad():
+        ref(input_ids=ids)
+    handle.remove()
+    torch.testing.assert_close(on[3][1], acc.hessian("o"), rtol=1e-4, atol=1e-5)
+    # later layers: the input comes from the fully rounded layer, so their first group matches again
+    assert torch.allclose(on[7][1], off[7][1], rtol=1e-4, atol=1e-6)
+    assert result.weights and all(torch.isfinite(w).all() for w in result.weights.values())
+
+
+def test_float_targets_equal_the_float_weight_when_nothing_drifted(model_dirs, text_file, tokenizer, monkeypatch):
+    # a GPTQ that does not round: the quantized stream stays the float stream, position for position, so
+    # the least-squares correction (C = H) must hand GPTQ the float weight itself
+    calls = []
+
+    def identity(weight, hessian, weight_args, **options):
+        calls.append(weight.clone())
+        return types.SimpleNamespace(weight=weight.clone(), scale=torch.ones(weight.shape[0], 1), zero_point=None,
+                                     info={})
+
+    _no_algorithm_summary(monkeypatch)
+    from hfptq.algorithms.gptq import float_target_weight
+
+    monkeypatch.setitem(sys.modules, "hfptq.algorithms.gptq",
+                        types.SimpleNamespace(gptq_quantize=identity, float_target_weight=float_target_weight))
+    config = _weight_only_gptq(text_file, float_targets=True, true_sequential=True)
+    ids = calibration_batches(config.calibration, tokenizer, progress=False)
+    model = _load_float(model_dirs["llama"])
+    plan = resolve_plan(model, config)
+    calibrate(model, plan, config, ids, progress=False)
+    names = [e.name for e in plan if e.quantized and e.kind != "embedding" and e.name != "lm_head"]
+    assert len(calls) == len(names) + 1
+    for name, weight in zip(names, calls):
+        torch.testing.assert_close(weight, model.get_submodule(name).weight.detach(), rtol=1e-4, atol=1e-5)
+
+
+def _logits_with(path, weights, ids):
+    model = _load_float(path)
+    with torch.no_grad():
+        for name, w in weights.items():
+            model.get_submodule(name).weight.copy_(w)
+        return model(input_ids=ids).logits
+
+
+def test_float_targets_correct_the_later_layers_for_the_drift(model_dirs, text_file, tokenizer, monkeypatch):
+    _, plan, ids, plain, plain_result = _run_fake_gptq(model_dirs, text_file, tokenizer, monkeypatch,
+                                                       true_sequential=True)
+    _, _, _, fitted, fitted_result = _run_fake_gptq(model_dirs, text_file, tokenizer, monkeypatch,
+                                                    true_sequential=True, float_targets=True)
+    names = [e.name for e in plan if e.quantized and e.kind != "embedding"]
+    # layer 0's q/k/v see undrifted inputs: no correction; every module after the first rounding is corrected
+    for i in range(3):
+        torch.testing.assert_close(fitted[i][0], plain[i][0], rtol=1e-4, atol=1e-5)
+    for i in range(3, len(names) - 1):
+        assert not torch.allclose(fitted[i][0], plain[i][0], rtol=1e-3, atol=1e-4), names[i]
+    # same rounding rule, but fitted to the float model's outputs: the model ends closer to the float one
+    with torch.no_grad():
+        reference = _load_float(model_dirs["llama"])(input_ids=ids).logits
+    err_plain = (_logits_with(model_dirs["llama"], plain_result.weights, ids) - reference).pow(2).mean()
+    err_fitted = (_logits_with(model_dirs["llama"], fitted_result.weights, ids) - reference).pow(2).mean()
+    assert err_fitted < 0.9 * err_plain, (float(err_fitted), float(err_plain))
+
+
 # ------------------------------------------------------------------------------------------------
 # save / reload
 # ------------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ from . import validate_options
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GPTQResult", "HessianAccumulator", "gptq_quantize", "rtn_quantize", "summarize", "weight_qparams"]
+__all__ = ["GPTQResult", "HessianAccumulator", "float_target_weight", "gptq_quantize", "rtn_quantize", "summarize", "weight_qparams"]
 
 # Norm exponent and shrink grid of the MSE clipping search (as in the reference GPTQ quantizer).
 _MSE_NORM = 2.4
@@ -294,7 +294,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, weight_args: Mapp
         **options: ``HfPtqConfig.gptq`` options: ``block_size`` (128), ``damp`` (0.01, fraction of
             the mean Hessian diagonal), ``act_order`` (False), ``static_groups`` (False; forced on
             with act-order + groups), ``max_damp_retries`` (6), ``hessian_dtype``
-            (``"float32"``), ``report_error`` (True).
+            (``"float32"``), ``report_error`` (True); ``true_sequential`` and ``float_targets``
+            are read by the calibration engine (see :func:`float_target_weight`), not here.
 
     Returns:
         A :class:`GPTQResult`; its ``weight`` sits exactly on the grid of ``scale``/``zero_point``.
@@ -455,6 +456,54 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, weight_args: Mapp
     return finish(GPTQResult(q_all, scale_all.float(), zp_out, {}))
 
 
+def float_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor,
+                        damp: float = 0.01, retries: int = 6) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """The weight that best maps the quantized model's input onto the float model's output.
+
+    With ``X_q`` the module's inputs in the model being quantized (earlier layers already rounded)
+    and ``X_f`` the same positions' inputs in the float model, ``H = 2/N X_qᵀX_q`` and
+    ``C = 2/N X_qᵀX_f``, the least-squares solution of ``min ||X_f Wᵀ - X_q W*ᵀ||`` is
+    ``W* = W Cᵀ H⁻¹``. Since ``||X_f Wᵀ - X_q Qᵀ||² = ||X_q (W* - Q)ᵀ||² + const``, running GPTQ on
+    ``W*`` with ``H`` minimises the error against the *float* output (GPTAQ's asymmetric
+    calibration objective) rather than against the drifted layer's own float output.
+
+    The fit is regularised towards ``W`` (``+ λ||W* - W||²``, ``λ`` = ``damp`` x the mean diagonal of
+    ``H``, 10x more on a failed Cholesky): ``W* = W (C + λI)ᵀ (H + λI)⁻¹``, exactly ``W`` when
+    ``X_q = X_f``, and directions the calibration inputs barely excite keep their float weight.
+
+    Returns:
+        ``(W*, info)`` with ``info["shift"] = ||W* - W|| / ||W||`` and the dampening used; ``W``
+        itself (``info["fallback"]`` set) if no factorisation succeeds or the result is not finite.
+
+    Example:
+        >>> xf = torch.randn(4096, 16); xq = xf + 0.05 * torch.randn(4096, 16)
+        >>> w = torch.randn(8, 16)
+        >>> ws, info = float_target_weight(w, 2 / 4096 * xq.T @ xq, 2 / 4096 * xq.T @ xf, damp=1e-4)
+        >>> bool(((xf @ w.T - xq @ ws.T).norm() < (xf @ w.T - xq @ w.T).norm()))
+        True
+    """
+    # solved in float64 (an [in, in] factorisation: cheap next to GPTQ), returned in float32
+    w = weight.detach().to(torch.float64)
+    h = hessian.detach().to(device=w.device, dtype=torch.float64)
+    c = cross.detach().to(device=w.device, dtype=torch.float64)
+    info: Dict[str, Any] = {"shift": 0.0, "fallback": None}
+    diag = torch.diagonal(h)
+    live = diag[diag > 0]
+    base = damp * float(live.mean()) if live.numel() else max(damp, 1e-8)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(retries + 1):
+        chol, status = torch.linalg.cholesky_ex(h + base * eye)
+        if int(status) == 0:
+            w_star = torch.cholesky_solve((c + base * eye) @ w.t(), chol).t()
+            if bool(torch.isfinite(w_star).all()):
+                info["damp"] = base
+                info["shift"] = float((w_star - w).norm() / w.norm().clamp_min(1e-12))
+                return w_star.to(torch.float32).contiguous(), info
+        base *= 10.0
+    info["fallback"] = "no finite least-squares correction; the float weight is used"
+    return weight.detach().to(torch.float32), info
+
+
 def summarize(infos: Mapping[str, Optional[Mapping[str, Any]]], options: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Aggregate the per-module ``GPTQResult.info`` dicts into the report's ``algorithms`` entry.
 
@@ -470,7 +519,8 @@ def summarize(infos: Mapping[str, Optional[Mapping[str, Any]]], options: Optiona
     out: Dict[str, Any] = {"name": "gptq", "modules": len(infos)}
     if options is not None:
         opts = validate_options("gptq", options)
-        out.update({k: opts[k] for k in ("block_size", "damp", "act_order", "static_groups")})
+        out.update({k: opts[k] for k in ("block_size", "damp", "act_order", "static_groups", "true_sequential",
+                                         "float_targets")})
     errors = [(v["error"], v["rtn_error"]) for v in infos.values() if "error" in v and "rtn_error" in v]
     if errors:
         total, rtn = sum(e for e, _ in errors), sum(r for _, r in errors)
@@ -482,4 +532,8 @@ def summarize(infos: Mapping[str, Optional[Mapping[str, Any]]], options: Optiona
     out["fallbacks"] = {k: v["fallback"] for k, v in infos.items() if v.get("fallback")}
     out["dead_inputs"] = sum(int(v.get("dead_inputs", 0)) for v in infos.values())
     out["seconds"] = sum(float(v.get("seconds", 0.0)) for v in infos.values())
+    shifts = [float(v["float_target_shift"]) for v in infos.values() if "float_target_shift" in v]
+    if shifts:  # float_targets: how far the least-squares correction moved the weights before rounding
+        out["float_target_modules"] = len(shifts)
+        out["float_target_shift"] = sum(shifts) / len(shifts)
     return out

@@ -240,3 +240,66 @@ def test_options_are_validated():
     with pytest.raises(ConfigError, match="damp"):
         validate_options("gptq", {"damp": -1})
     assert validate_options("gptq", None)["block_size"] == 128
+
+
+# ------------------------------------------------------------------ float targets (GPTAQ-style)
+
+
+def test_float_target_weight_is_the_weight_itself_without_drift():
+    from hfptq.algorithms.gptq import float_target_weight
+
+    x = _correlated()
+    h = 2 / x.shape[0] * x.t() @ x
+    w = _weight()
+    w_star, info = float_target_weight(w, h, h.clone(), damp=0.01)
+    torch.testing.assert_close(w_star, w, rtol=1e-4, atol=1e-4)
+    assert info["shift"] < 1e-4 and info["fallback"] is None
+
+
+def test_float_target_weight_is_the_least_squares_fit_of_the_float_output():
+    from hfptq.algorithms.gptq import float_target_weight
+
+    xf = _correlated(n=4096)
+    gen = torch.Generator().manual_seed(5)
+    xq = xf + 0.05 * torch.randn(xf.shape, generator=gen) * xf.std(0)  # the drifted input
+    w = _weight()
+    n = xf.shape[0]
+    xq64, xf64 = xq.double(), xf.double()
+    h, c = 2 / n * xq64.t() @ xq64, 2 / n * xq64.t() @ xf64  # float64: the check is of the algebra
+    w_star, info = float_target_weight(w, h, c, damp=1e-9)
+    exact = torch.linalg.lstsq(xq64, xf64 @ w.double().t()).solution.t().float()
+    torch.testing.assert_close(w_star, exact, rtol=1e-3, atol=1e-4)
+    h, c = h.float(), c.float()
+    target = xf @ w.t()
+    assert float((target - xq @ w_star.t()).norm()) < float((target - xq @ w.t()).norm())
+    # rounding the corrected weight (what GPTQ is then handed) lands closer to the float output too
+    res_plain = gptq_quantize(w, h, INT4_G)
+    res_fit = gptq_quantize(w_star, h, INT4_G)
+    assert float((target - xq @ res_fit.weight.t()).norm()) < float((target - xq @ res_plain.weight.t()).norm())
+    # heavy regularisation pulls the fit back to the float weight
+    far, _ = float_target_weight(w, h, c, damp=1e6)
+    torch.testing.assert_close(far, w, rtol=1e-3, atol=1e-3)
+
+
+def test_cross_accumulator_equals_batch_formula():
+    from hfptq.calibration import CrossAccumulator
+
+    xf = _correlated(n=300)
+    xq = xf + 0.1 * torch.randn(xf.shape, generator=torch.Generator().manual_seed(2))
+    acc = CrossAccumulator(["fc"], [{"fc": xf[:100]}, {"fc": xf[100:]}])
+    acc("fc", xq[:100], 0)
+    acc("fc", xq[100:], 1)
+    acc("other", xq[:100], 0)  # not tracked
+    torch.testing.assert_close(acc.cross("fc"), 2 / 300 * xq.t() @ xf, rtol=1e-4, atol=1e-4)
+    with pytest.raises(Exception, match="other"):
+        acc.cross("other")
+
+
+def test_new_gptq_options_are_validated():
+    assert validate_options("gptq", {"true_sequential": True})["float_targets"] is False
+    # float targets are only consistent when each group's drift is measured after the earlier groups' correction
+    assert validate_options("gptq", {"float_targets": True})["true_sequential"] is True
+    from hfptq.errors import ConfigTypeError
+
+    with pytest.raises(ConfigTypeError, match="gptq.float_targets must be a bool"):
+        validate_options("gptq", {"float_targets": "yes"})
