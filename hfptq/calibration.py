@@ -24,7 +24,12 @@ Memory is bounded by one decoder layer, not by the whole model's activations:
    observing pass (forward pre-hooks feed the observers of the static modules, the GPTQ Hessians
    and ``extra_stats_hooks``) → [GPTQ: quantize each linear of the layer, then a pass with the
    new weights] → the layer's outputs overwrite its inputs in the cache and become layer
-   ``i + 1``'s inputs.
+   ``i + 1``'s inputs. With ``gptq.true_sequential`` the layer's GPTQ modules are grouped by
+   shared input in call order (q/k/v, o, gate/up, down) and each later group gets its own pass
+   (ending at its last module) after the earlier groups were rounded. With
+   ``gptq.float_targets`` a second cache carries the float model's hidden states: the unrounded
+   layer runs on it first, recording its modules' inputs, and each module's weight is corrected
+   towards the float output (:func:`hfptq.algorithms.gptq.float_target_weight`) before GPTQ.
 3. **Tail.** Planned modules outside the decoder layers (the LM head) are observed by running
    the model once more per batch with the layers replaced by pass-through stubs, the last one
    returning the cached final hidden states, so the final norm and the LM head see exactly what
