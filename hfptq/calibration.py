@@ -208,16 +208,20 @@ class HessianAccumulator:
         if self.names is not None and name not in self.names:
             return
         x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        self._add(name, x2, x2)
+
+    def _add(self, name: str, left: torch.Tensor, right: torch.Tensor) -> None:
+        """Add ``leftᵀ right`` (``[tokens, in]`` each) to ``name``'s running sum, in float32."""
         # the hooks fire inside the calibration forwards, which may run under bfloat16 autocast: a
         # bfloat16 Gram matrix is not positive semi-definite to working precision (GPTQ's Cholesky then
         # fails at the requested dampening and retries with 10-1000x more), so this product stays float32
-        with torch.autocast(device_type=x2.device.type, enabled=False):
-            xtx = x2.t() @ x2
+        with torch.autocast(device_type=left.device.type, enabled=False):
+            product = left.t() @ right
         if name in self.sums:
-            self.sums[name] += xtx
+            self.sums[name] += product
         else:
-            self.sums[name] = xtx
-        self.counts[name] = self.counts.get(name, 0) + x2.shape[0]
+            self.sums[name] = product
+        self.counts[name] = self.counts.get(name, 0) + left.shape[0]
 
     def hessian(self, name: str) -> torch.Tensor:
         """``2/N · Σ x xᵀ`` of ``name``'s inputs (float32)."""
@@ -229,7 +233,7 @@ class HessianAccumulator:
         return sum(t.numel() * t.element_size() for t in self.sums.values())
 
 
-class CrossAccumulator:
+class CrossAccumulator(HessianAccumulator):
     """Running ``C = 2/N · Σ x_q x_fᵀ`` pairing each module input with the float model's (GPTAQ targets).
 
     ``targets[batch_index][name]`` holds the float model's input of ``name`` for that calibration
@@ -245,10 +249,8 @@ class CrossAccumulator:
     """
 
     def __init__(self, names: Sequence[str], targets: Sequence[Mapping[str, torch.Tensor]]) -> None:
-        self.names = set(names)
+        super().__init__(names)
         self.targets = targets
-        self.sums: Dict[str, torch.Tensor] = {}
-        self.counts: Dict[str, int] = {}
 
     def __call__(self, name: str, x: torch.Tensor, batch_index: int) -> None:
         if name not in self.names:
@@ -258,13 +260,7 @@ class CrossAccumulator:
         if xf.shape != xq.shape:
             raise CalibrationError(f"gptq.float_targets: the float model's input of {name!r} has shape "
                                    f"{tuple(xf.shape)}, the quantized model's {tuple(xq.shape)}.")
-        with torch.autocast(device_type=xq.device.type, enabled=False):
-            c = xq.t() @ xf
-        if name in self.sums:
-            self.sums[name] += c
-        else:
-            self.sums[name] = c
-        self.counts[name] = self.counts.get(name, 0) + xq.shape[0]
+        self._add(name, xq, xf)
 
     def cross(self, name: str) -> torch.Tensor:
         """``2/N · Σ x_q x_fᵀ`` of ``name`` (float32), normalised like :meth:`HessianAccumulator.hessian`."""
