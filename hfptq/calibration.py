@@ -256,7 +256,12 @@ class CrossAccumulator(HessianAccumulator):
         if name not in self.names:
             return
         xq = x.detach().reshape(-1, x.shape[-1]).float()
-        xf = self.targets[batch_index][name].to(xq.device)
+        xf = self.targets[batch_index].get(name) if batch_index < len(self.targets) else None
+        if xf is None:
+            raise CalibrationError(f"gptq.float_targets: {name!r} ran in the quantized model but not in the float one "
+                                   f"in calibration batch {batch_index} (data-dependent routing?); set "
+                                   "gptq.float_targets=False for this model.")
+        xf = xf.to(xq.device)
         if xf.shape != xq.shape:
             raise CalibrationError(f"gptq.float_targets: the float model's input of {name!r} has shape "
                                    f"{tuple(xf.shape)}, the quantized model's {tuple(xq.shape)}.")

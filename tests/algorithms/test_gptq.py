@@ -293,6 +293,12 @@ def test_cross_accumulator_equals_batch_formula():
     torch.testing.assert_close(acc.cross("fc"), 2 / 300 * xq.t() @ xf, rtol=1e-4, atol=1e-4)
     with pytest.raises(Exception, match="other"):
         acc.cross("other")
+    # a module the float pass never saw (data-dependent routing) gets an error naming it and the fix
+    from hfptq.errors import CalibrationError
+
+    with pytest.raises(CalibrationError, match="'fc' ran in the quantized model but not in the float one.*"
+                                               "float_targets=False"):
+        CrossAccumulator(["fc"], [{}])("fc", xq[:10], 0)
 
 
 def test_new_gptq_options_are_validated():
