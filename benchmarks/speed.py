@@ -236,12 +236,14 @@ def _generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> 
 
     pad = getattr(model.config, "pad_token_id", None)
     pad = 0 if pad is None else pad
-    # exactly `new_tokens` tokens: the end-of-sequence id is one the model cannot produce (the vocabulary
-    # size). Not min_new_tokens: its logits processor runs isin() over the whole vocabulary every step
-    # (3.8 ms/token on Gemma 3's 262k vocabulary at one thread), a cost of the benchmark, not of the model
-    vocab = int(getattr(model.config, "vocab_size", 0) or model.get_output_embeddings().weight.shape[0])
+    # exactly `new_tokens` tokens: the end-of-sequence id is one the model cannot produce (past both the
+    # vocabulary and the head's logit count, which some models pad). Not min_new_tokens: its logits
+    # processor runs isin() over the whole vocabulary every step (3.8 ms/token on Gemma 3's 262k
+    # vocabulary at one thread), a cost of the benchmark, not of the model
+    head = model.get_output_embeddings()
+    never = max(int(getattr(model.config, "vocab_size", 0) or 0), int(getattr(head, "out_features", 0) or 0))
     gen = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, use_cache=True, pad_token_id=pad,
-                           eos_token_id=vocab)
+                           eos_token_id=never)
     mask = torch.ones_like(prompt)
 
     def run() -> Any:

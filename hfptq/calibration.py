@@ -730,6 +730,7 @@ class _Engine:
         self.bar: Optional[tqdm] = None
         self.smoothquant = None
         self.gptq = None
+        self.gptq_options: Dict[str, Any] = {}  # validated HfPtqConfig.gptq (empty without GPTQ)
         self.info_sq: Dict[str, Any] = {}
         self.info_gptq: Dict[str, Any] = {}
         self.weights: Dict[str, torch.Tensor] = {}
@@ -786,6 +787,9 @@ class _Engine:
         if self.config.smoothquant is not None:
             self.smoothquant = _load_algorithm("smoothquant", "smooth_layer")
         if self.config.gptq is not None:
+            from .algorithms import validate_options
+
+            self.gptq_options = validate_options("gptq", self.config.gptq)
             self.gptq = _load_algorithm("gptq", "gptq_quantize")
             for name in self.gptq_names:
                 module = _get(self.model, name)
@@ -1071,11 +1075,6 @@ class _Engine:
                 cache[start:end].copy_(out)
             self._tick(desc)
 
-    def _gptq_options(self) -> Dict[str, Any]:
-        from .algorithms import validate_options
-
-        return validate_options("gptq", self.config.gptq)
-
     def _call_groups(self, index: int, layer: nn.Module, names: Sequence[str],
                      modules: Mapping[str, nn.Module]) -> List[List[str]]:
         """``names`` grouped by shared input, in call order (q/k/v, o, gate/up, down), from one batch.
@@ -1083,13 +1082,12 @@ class _Engine:
         Modules called with the same input tensor (before any rotation hook) form one group; a
         module never called in the probe batch goes last, alone.
         """
-        order: List[Tuple[str, int]] = []
+        order: Dict[str, int] = {}  # module -> identity of its first input, in call order
         handles = []
 
         def hook(mod, args, kwargs, _name):
             x = args[0] if args else next(iter(kwargs.values()))
-            if all(n != _name for n, _ in order):
-                order.append((_name, x.data_ptr() if isinstance(x, torch.Tensor) else id(x)))
+            order.setdefault(_name, x.data_ptr() if isinstance(x, torch.Tensor) else id(x))
 
         try:
             for n in names:
@@ -1104,19 +1102,18 @@ class _Engine:
                 h.remove()
         groups: List[List[str]] = []
         last = None
-        for n, key in order:
+        for n, key in order.items():
             if groups and key == last:
                 groups[-1].append(n)
             else:
                 groups.append([n])
             last = key
-        seen = {n for n, _ in order}
-        groups += [[n] for n in names if n not in seen]
+        groups += [[n] for n in names if n not in order]
         return groups
 
     def _run_layers(self) -> None:
         name, layers = self.layers
-        if self.gptq is not None and self._gptq_options()["float_targets"]:
+        if self.gptq_options.get("float_targets"):
             self.float_cache = self.cache.clone()  # the float model's hidden states (GPTAQ targets)
         linear_entries = [e for e in self.plan if e.kind != "embedding" and e.precision != "skip"]
         total = len(self.order)
@@ -1156,7 +1153,7 @@ class _Engine:
                 self.info_sq[f"{name}.{index}"] = info
             consumers: List[StatsHook] = list(self.extra_stats_hooks)
             gptq_here = [n for n in self.gptq_names if n.startswith(prefix)]
-            opts = self._gptq_options() if self.gptq is not None else {}
+            opts = self.gptq_options
             targets = None
             if opts.get("float_targets"):
                 # the float layer (smoothed, not yet rounded) on the float stream: its module inputs are
@@ -1203,7 +1200,7 @@ class _Engine:
             if cross is not None:
                 from .algorithms.gptq import float_target_weight
 
-                opts = self._gptq_options()
+                opts = self.gptq_options
                 weight, fit = float_target_weight(weight, hessian, cross.cross(name), opts["damp"], opts["max_damp_retries"])
                 shift = fit["shift"]
             out = self.gptq(weight, hessian, dict(entry.weights), **dict(self.config.gptq))
@@ -1455,9 +1452,8 @@ class _Engine:
         n_batches = len(self.slices)
         passes = 1 + (self.smoothquant is not None) + (self.gptq is not None)
         if self.gptq is not None:
-            gptq_opts = self._gptq_options()
             # true sequential: ~4 groups a layer (q/k/v, o, gate/up, down), the first in the observing pass
-            passes += 3 * gptq_opts["true_sequential"] + gptq_opts["float_targets"]
+            passes += 3 * self.gptq_options["true_sequential"] + self.gptq_options["float_targets"]
         observers = sorted({s.settings["observer"] for s in self.slots.values()})
         self._announce(
             f"hfptq calibration: {self.num_samples} samples x {self.seq_len} tokens in {n_batches} batches of "

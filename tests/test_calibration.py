@@ -645,12 +645,12 @@ def _weight_only_gptq(text_file, **gptq):
 
 
 def _run_fake_gptq(model_dirs, text_file, tokenizer, monkeypatch, **gptq):
+    from hfptq.algorithms.gptq import float_target_weight
+
     calls = []
     _no_algorithm_summary(monkeypatch)
     monkeypatch.setitem(sys.modules, "hfptq.algorithms.gptq",
-                        types.SimpleNamespace(gptq_quantize=_coarse_gptq(calls),
-                                              float_target_weight=__import__("hfptq.algorithms.gptq", fromlist=["x"])
-                                              .float_target_weight))
+                        types.SimpleNamespace(gptq_quantize=_coarse_gptq(calls), float_target_weight=float_target_weight))
     config = _weight_only_gptq(text_file, **gptq)
     ids = calibration_batches(config.calibration, tokenizer, progress=False)
     model = _load_float(model_dirs["llama"])
