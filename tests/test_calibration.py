@@ -712,11 +712,14 @@ def test_float_targets_equal_the_float_weight_when_nothing_drifted(model_dirs, t
     ids = calibration_batches(config.calibration, tokenizer, progress=False)
     model = _load_float(model_dirs["llama"])
     plan = resolve_plan(model, config)
-    calibrate(model, plan, config, ids, progress=False)
+    result = calibrate(model, plan, config, ids, progress=False)
     names = [e.name for e in plan if e.quantized and e.kind != "embedding" and e.name != "lm_head"]
     assert len(calls) == len(names) + 1
     for name, weight in zip(names, calls):
         torch.testing.assert_close(weight, model.get_submodule(name).weight.detach(), rtol=1e-4, atol=1e-5)
+        # the correction did run (its shift is recorded) and found nothing to correct
+        assert result.info["gptq"][name]["float_target_shift"] < 1e-5, name
+    assert "float_target_shift" not in result.info["gptq"]["lm_head"]  # the head is rounded as before
 
 
 def _logits_with(path, weights, ids):
