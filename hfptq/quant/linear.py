@@ -40,8 +40,12 @@ from .kernels import (
     cached_cast,
     cached_derived,
     clear_cached,
+    FBGEMM_MAX_ROWS,
     dequant_linear_tiled,
     fast_cast,
+    fbgemm_int8_linear,
+    fbgemm_linear_available,
+    fbgemm_pack,
     fast_path_enabled,
     int8_matmul,
     packed_bf16_linear,
@@ -50,6 +54,7 @@ from .kernels import (
     prepared_input,
     quantize_fast,
     quantize_per_token_fast,
+    quantize_rows_for_fbgemm,
     rescale_int32,
     subtract_zero_point_terms,
     tensor_key,
@@ -153,7 +158,7 @@ class QuantLinear(nn.Module):
             self.register_parameter("bias", None)
         self._weight_rowsum: Optional[torch.Tensor] = None
 
-    _CACHE_SLOTS = ("_hfptq_rowsum",)
+    _CACHE_SLOTS = ("_hfptq_rowsum", "_hfptq_fbgemm")
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
@@ -332,6 +337,13 @@ class QuantLinear(nn.Module):
         """Bit-identical to :meth:`_forward_int8_reference` with fewer passes and temporaries."""
         shape = x.shape
         k = shape[-1]
+        rows = x.numel() // k if k else 0
+        if (x.device.type == "cpu" and 0 < rows <= FBGEMM_MAX_ROWS and self.weight_bits == 8
+                and self.weight_zero_point is None and fbgemm_linear_available()
+                and (rows == 1 or self.act_mode == "static" or self.act_symmetric)):
+            y = self._forward_int8_fbgemm(x)
+            if y is not None:
+                return y
         if self.act_mode == "dynamic":
             # q/k/v and gate/up receive the same tensor: quantize it once per token, not per module
             bits, sym = self.act_bits, self.act_symmetric
@@ -346,6 +358,42 @@ class QuantLinear(nn.Module):
             rowsum = self._weight_rowsum_for(w) if xz is not None else None
             acc = subtract_zero_point_terms(acc, xq, xz, w, self.weight_zero_point, rowsum)
         y = rescale_int32(acc, xs, self.weight_scale.reshape(1, -1), self.bias, x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _forward_int8_fbgemm(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Few rows (decode) through FBGEMM: the same quantized input and integer sums as the reference
+        (see :func:`~hfptq.quant.kernels.fbgemm_int8_linear`), then :func:`rescale_int32`'s steps in place.
+        ``None`` when the input holds NaN or infinity (the caller takes the general route).
+
+        FBGEMM reads int8 weights about twice as fast as ``torch._int_mm`` for one row (Gemma 3's
+        262,144 x 640 LM head: 10 ms vs 18 ms at one thread), at the cost of a packed copy of the
+        weight, made on the first call.
+        """
+        shape = x.shape
+        k = shape[-1]
+        x2 = x.reshape(-1, k)
+        if self.act_mode == "dynamic":
+            bits, sym = self.act_bits, self.act_symmetric
+            prepared = prepared_input(("fbgemm", bits, sym), x,
+                                      lambda t: quantize_rows_for_fbgemm(t.reshape(-1, k), bits, sym))
+            if prepared is None:  # NaN or infinity in the input: the general route
+                return None
+            xs_shift, z, xs = prepared
+        else:
+            xs, xz = self.input_scale, self.input_zero_point
+            xs_shift = quantize_fast(x2, xs, xz, self.act_bits, self.act_symmetric).to(torch.float32)
+            z = 128
+            if xz is not None:
+                z0 = int(xz.item())
+                xs_shift.sub_(z0)
+                z += z0
+        packed = cached_derived(self, "_hfptq_fbgemm", self.qweight, fbgemm_pack)
+        y = fbgemm_int8_linear(xs_shift, z, packed)
+        y.mul_(xs).mul_(self.weight_scale.reshape(1, -1))
+        if self.bias is not None:
+            y.add_(self.bias if self.bias.dtype == torch.float32 else self.bias.to(torch.float32))
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
     def _forward_fake(self, x: torch.Tensor) -> torch.Tensor:

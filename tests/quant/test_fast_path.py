@@ -117,6 +117,59 @@ def test_quantize_per_token_fast_edge_rows(symmetric):
         assert fast[0].abs().max().item() <= 127
 
 
+def _one_row_cases(k: int = 200) -> list:
+    """Single rows (decode): random at many magnitudes and offsets, skewed, the edge rows."""
+    gen = torch.Generator().manual_seed(11)
+    rows = [row.unsqueeze(0) for row in _edge_rows(k)]
+    for i in range(300):
+        mag = 10.0 ** torch.empty(1).uniform_(-30, 30, generator=gen).item()
+        row = torch.randn(1, k, generator=gen) * mag
+        if i % 3 == 1:
+            row = row.abs() + mag * 0.1          # all positive: lo clamps to 0
+        elif i % 3 == 2:
+            row = row - row.max() - mag * 0.01   # all negative: hi clamps to 0
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_quantize_rows_for_fbgemm_gives_the_reference_quantization(dtype, symmetric):
+    """The FBGEMM form ``(x_q - z, z + 128, scale)`` carries the reference's ``x_q``, ``z`` and ``scale``:
+    scalars on NumPy float32 for one asymmetric row, tensors otherwise."""
+    for x in _one_row_cases():
+        x = x.to(dtype)
+        if not torch.isfinite(x).all():
+            continue  # float16 overflow of the widest rows
+        q, s, z = quantize_per_token(x, 8, symmetric)
+        shifted, zero_point, scale = kernels.quantize_rows_for_fbgemm(x, 8, symmetric)
+        z0 = 0 if z is None else int(z)
+        assert zero_point == z0 + 128
+        assert torch.equal(scale, s)
+        assert torch.equal(shifted + z0, q.float())
+
+
+def test_quantize_rows_for_fbgemm_refuses_non_finite_rows_and_modules_fall_back(monkeypatch):
+    """A row with NaN or infinity is not sent to FBGEMM (its int8 conversion of NaN is arbitrary):
+    the module gives what it gives with the FBGEMM route switched off."""
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = _x(1, 96)
+        x[0, 7] = bad
+        for symmetric in (True, False):
+            assert kernels.quantize_rows_for_fbgemm(x, 8, symmetric) is None
+        for acts in ("dynamic-sym", "dynamic-asym"):
+            q = _quant(_linear(), W8, acts)
+            with torch.no_grad():
+                y = q(x)
+                with monkeypatch.context() as m:
+                    m.setattr("hfptq.quant.linear.fbgemm_linear_available", lambda: False)
+                    general = q(x)
+            assert not torch.isfinite(y).all()
+            torch.testing.assert_close(y, general, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="one row at a time"):
+        kernels.quantize_rows_for_fbgemm(_x(2, 96), 8, False)
+
+
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_fast_static_is_bit_identical(symmetric, dtype):
@@ -475,9 +528,10 @@ def test_cuda_float_and_weight_only_modules(rows):
 def _count_per_token_quantizations(monkeypatch) -> list:
     """A list that grows by one each time a W8A8 module quantizes its input per token."""
     calls: list = []
-    real = kernels.quantize_per_token_fast
-    monkeypatch.setattr("hfptq.quant.linear.quantize_per_token_fast",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("quantize_per_token_fast", "quantize_rows_for_fbgemm"):  # many rows / few rows (FBGEMM)
+        real = getattr(kernels, name)
+        monkeypatch.setattr(f"hfptq.quant.linear.{name}",
+                            lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     return calls
 
 
@@ -593,3 +647,110 @@ def test_packed_probe_refuses_a_linear_that_differs(monkeypatch):
         assert kernels.packed_bf16_linear_available() is False
     finally:
         kernels.packed_bf16_linear_available.cache_clear()
+
+
+# ------------------------------------------------------------------------------------------------
+# Few rows (decode) through FBGEMM: the same integers, hence the same outputs
+# ------------------------------------------------------------------------------------------------
+
+fbgemm = pytest.mark.skipif(not kernels.fbgemm_linear_available(),
+                            reason="FBGEMM's int8 linear is missing or not exact on this machine")
+
+
+def _extreme_x(rows: int, k: int = 96) -> torch.Tensor:
+    """Rows whose quantized values sit at -128/127 (all positive, all negative, alternating, one spike)."""
+    x = torch.ones(rows, k)
+    x[1::4] = -1.0
+    x[2::4, ::2] = -1.0
+    x[3::4] = 0.0
+    x[3::4, 5] = 1e4
+    return x * 3.0
+
+
+@fbgemm
+@pytest.mark.parametrize("rows", [1, 2, 32, 33])
+@pytest.mark.parametrize("acts", list(ACTS))
+@pytest.mark.parametrize("inputs", ["random", "extreme"])
+def test_fbgemm_route_equals_reference(rows, acts, inputs):
+    """Up to FBGEMM_MAX_ROWS rows go through FBGEMM where its zero point can stand for the input's
+    (one row, static, or symmetric activations); outputs are the reference's, bit for bit."""
+    q = _quant(_linear(), W8, acts)
+    x = _x(rows, 96, seed=rows) if inputs == "random" else _extreme_x(rows)
+    with torch.no_grad():
+        fast = q(x)
+        with reference_math():
+            ref = q(x)
+    assert torch.equal(fast, ref)
+    expect = rows <= kernels.FBGEMM_MAX_ROWS and (rows == 1 or acts != "dynamic-asym")
+    assert ("_hfptq_fbgemm" in q.__dict__) == expect
+
+
+@fbgemm
+def test_fbgemm_route_skips_asymmetric_weights_and_follows_weight_updates():
+    qa, qb = _quant(_linear(seed=0), W8, "dynamic-asym"), _quant(_linear(seed=1), W8, "dynamic-asym")
+    x = _x(1, 96, seed=9)
+    with torch.no_grad():
+        qa(x)  # packs a's weight
+        packed = qa.__dict__["_hfptq_fbgemm"][2]
+        qa.qweight.copy_(qb.qweight)
+        qa.weight_scale.copy_(qb.weight_scale)
+        qa.bias.copy_(qb.bias)
+        assert torch.equal(qa(x), qb(x))        # repacked: the version counter moved
+        assert qa.__dict__["_hfptq_fbgemm"][2] is not packed
+        asym_w = _quant(_linear(), W8_ASYM, "dynamic-asym")
+        y = asym_w(x)
+        with reference_math():
+            assert torch.equal(y, asym_w(x))
+    assert "_hfptq_fbgemm" not in asym_w.__dict__
+    clone = copy.deepcopy(qa)
+    assert "_hfptq_fbgemm" not in clone.__dict__ and "_hfptq_fbgemm" not in pickle.loads(pickle.dumps(qa)).__dict__
+    with torch.no_grad():
+        assert torch.equal(clone(x), qb(x))
+
+
+def test_fbgemm_probe_refuses_wrong_sums_and_can_be_turned_off(monkeypatch):
+    """A kernel off by one integer (or HFPTQ_FBGEMM=0) turns the route off; modules then use _int_mm."""
+    kernels.fbgemm_linear_available.cache_clear()
+    try:
+        prepack, op = kernels._fbgemm_ops()
+        if prepack is None or op is None:
+            pytest.skip("no FBGEMM linear ops in this build")
+        monkeypatch.setattr(kernels, "_fbgemm_ops", lambda: (prepack, lambda *a: op(*a) + 1))
+        assert kernels.fbgemm_linear_available() is False
+        monkeypatch.undo()
+        kernels.fbgemm_linear_available.cache_clear()
+        monkeypatch.setenv("HFPTQ_FBGEMM", "0")
+        assert kernels.fbgemm_linear_available() is False
+        q = _quant(_linear(), W8, "dynamic-asym")
+        x = _x(1, 96)
+        with torch.no_grad():
+            y = q(x)
+            with reference_math():
+                assert torch.equal(y, q(x))
+        assert "_hfptq_fbgemm" not in q.__dict__
+    finally:
+        monkeypatch.undo()
+        kernels.fbgemm_linear_available.cache_clear()
+
+
+def test_fbgemm_probe_catches_saturating_pair_sums(monkeypatch):
+    """What a CPU without VNNI would do (16-bit saturating sums of pairs of u8 x s8 products) fails the probe."""
+    kernels.fbgemm_linear_available.cache_clear()
+    try:
+        prepack, op = kernels._fbgemm_ops()
+        if prepack is None or op is None:
+            pytest.skip("no FBGEMM linear ops in this build")
+
+        def saturating(x_shifted, scale, zero_point, packed):
+            w = torch.ops.quantized.linear_unpack(packed)[0].int_repr().to(torch.int32)
+            xu = (x_shifted + zero_point).to(torch.int32)                     # x_q + 128, uint8 values
+            prod = xu.unsqueeze(1) * w.unsqueeze(0)                           # [M, N, K]
+            pairs = prod[..., 0::2] + prod[..., 1::2]
+            acc = pairs.clamp(-32768, 32767).sum(-1) - zero_point * w.sum(-1)
+            return acc.to(torch.float32)
+
+        monkeypatch.setattr(kernels, "_fbgemm_ops", lambda: (prepack, saturating))
+        assert kernels.fbgemm_linear_available() is False
+    finally:
+        monkeypatch.undo()
+        kernels.fbgemm_linear_available.cache_clear()
