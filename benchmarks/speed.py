@@ -341,9 +341,29 @@ def perplexity_rows(models: Dict[str, torch.nn.Module], args: argparse.Namespace
                         row["ppl_ref"] = _ppl(model, ids, args, bos)
             row["identical"] = bool(torch.equal(fast, ref))
             row["max_abs_diff"] = float((fast.float() - ref.float()).abs().max())
+            # decode too: one row per step takes other kernels (FBGEMM on CPU) than the prompt
+            fast_steps, ref_steps = _decode_logits(model, check[:, :args.decode_prompt_len], 16)
+            row["decode_identical"] = len(fast_steps) == len(ref_steps) and all(
+                torch.equal(a, b) for a, b in zip(fast_steps, ref_steps))
+            row["identical"] = row["identical"] and row["decode_identical"]
         out[name] = row
         print(f"#   perplexity: {name} {row}", file=sys.stderr, flush=True)
     return out
+
+
+def _decode_logits(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> Tuple[tuple, tuple]:
+    """Greedy decode logits of every step, with the fast path and with the reference math."""
+    from hfptq.quant.kernels import reference_math
+
+    kw = dict(max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True,
+              attention_mask=torch.ones_like(prompt))
+    pad = getattr(model.config, "pad_token_id", None)
+    kw["pad_token_id"] = 0 if pad is None else pad
+    with torch.no_grad():  # what generate uses; see hfptq.quant.kernels.prepared_input
+        fast = model.generate(prompt, **kw).logits
+        with reference_math():
+            ref = model.generate(prompt, **kw).logits
+    return fast, ref
 
 
 def _ppl(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace, bos: Optional[int]) -> float:
@@ -443,6 +463,17 @@ def _allocator(args: Dict[str, Any]) -> str:
     return f"LD_PRELOAD={preload}" if preload else "glibc defaults"
 
 
+def _cell_identity(p: Dict[str, Any]) -> str:
+    if "identical" not in p:
+        return "-"
+    if p["identical"]:
+        # older result files checked the prompt's logits only
+        return "bit-identical" + (" (prompt + decode)" if p.get("decode_identical") else "")
+    if p.get("decode_identical") is False and p.get("max_abs_diff", 1.0) == 0.0:
+        return "decode differs"
+    return f"max diff {p['max_abs_diff']:.3g}"
+
+
 def render(result: Dict[str, Any]) -> str:
     args = result["args"]
     wall, cpu = result.get("wall_phase", {}), result.get("cpu_phase", {})
@@ -493,7 +524,7 @@ def render(result: Dict[str, Any]) -> str:
         row += [
             f"{p['ppl']:.4f}" if "ppl" in p else "n/a",
             f"{p['ppl_ref']:.4f}" if "ppl_ref" in p else "-",
-            ("bit-identical" if p["identical"] else f"max diff {p['max_abs_diff']:.3g}") if "identical" in p else "-",
+            _cell_identity(p),
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

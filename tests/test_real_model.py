@@ -77,3 +77,17 @@ def test_default_plan_with_int8_lm_head(gemma):
     p_ref, p_q = _ppl(ref, tok, ids), _ppl(q, tok, ids)
     assert p_q <= p_ref * 1.025, (p_ref, p_q)  # measured +1.5% on this slice
     assert hfptq.api.model_bytes(q) < 0.4 * hfptq.api.model_bytes(ref)
+
+    # decode: one row per step, served by FBGEMM where it is exact here; every step's logits are the
+    # reference int8 math's, bit for bit
+    from hfptq.quant.kernels import fbgemm_linear_available, reference_math
+
+    prompt = tok("The capital of France is", return_tensors="pt")
+    kw = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        fast = q.generate(**prompt, **kw)
+        with reference_math():
+            slow = q.generate(**prompt, **kw)
+    assert torch.equal(fast.sequences, slow.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(fast.logits, slow.logits)) and len(fast.logits) == 8
+    assert ("_hfptq_fbgemm" in q.lm_head.__dict__) == fbgemm_linear_available()

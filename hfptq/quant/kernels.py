@@ -7,6 +7,9 @@ Two layers live here:
   for the given inner dimension (float32 while ``K * 128 * 128 < 2**24``, else float64: int8 operands
   reach -128 on both sides with asymmetric activations and weights). Every
   path gives the same integers.
+* :func:`fbgemm_int8_linear` runs the same exact integer sums through FBGEMM for a few rows
+  (decode), returned as float32; it is used only where :func:`fbgemm_linear_available` has checked
+  it against exact integer arithmetic on this machine.
 * The *fast path* helpers (:func:`quantize_per_token_fast`, :func:`quantize_fast`,
   :func:`rescale_int32`, :func:`dequant_linear_tiled`, :func:`cached_cast`) compute **the same
   numbers, bit for bit,** as the reference formulas of :mod:`hfptq.quant.qparams` used by
