@@ -10,6 +10,7 @@ so that it does not depend on the BLAS library. No test here measures time.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
 
@@ -636,17 +637,25 @@ def test_float_linear_packed_and_plain_paths_give_the_reference(packed, rows, mo
     assert ("_hfptq_weight_cache" in f.__dict__) == (not packed)
 
 
-def test_packed_probe_refuses_a_linear_that_differs(monkeypatch):
-    kernels.packed_bf16_linear_available.cache_clear()
+@contextlib.contextmanager
+def _fresh_probe(probe, ops, what: str):
+    """Run ``probe`` anew inside the block (its cached answer is dropped before and after); yields the
+    ops it checks, or skips when the build lacks them."""
+    probe.cache_clear()
     try:
-        reorder, linear = kernels._packed_ops()
-        if reorder is None or linear is None:
-            pytest.skip("no oneDNN linear ops in this build")
+        found = ops()
+        if any(op is None for op in found):
+            pytest.skip(f"no {what} ops in this build")
+        yield found
+    finally:
+        probe.cache_clear()
+
+
+def test_packed_probe_refuses_a_linear_that_differs(monkeypatch):
+    with _fresh_probe(kernels.packed_bf16_linear_available, kernels._packed_ops, "oneDNN linear") as (reorder, linear):
         monkeypatch.setattr(kernels, "_packed_ops",
                             lambda: (reorder, lambda x, w, b, *a: linear(x, w, b, *a) + 1))
         assert kernels.packed_bf16_linear_available() is False
-    finally:
-        kernels.packed_bf16_linear_available.cache_clear()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -710,11 +719,7 @@ def test_fbgemm_route_skips_asymmetric_weights_and_follows_weight_updates():
 
 def test_fbgemm_probe_refuses_wrong_sums_and_can_be_turned_off(monkeypatch):
     """A kernel off by one integer (or HFPTQ_FBGEMM=0) turns the route off; modules then use _int_mm."""
-    kernels.fbgemm_linear_available.cache_clear()
-    try:
-        prepack, op = kernels._fbgemm_ops()
-        if prepack is None or op is None:
-            pytest.skip("no FBGEMM linear ops in this build")
+    with _fresh_probe(kernels.fbgemm_linear_available, kernels._fbgemm_ops, "FBGEMM linear") as (prepack, op):
         monkeypatch.setattr(kernels, "_fbgemm_ops", lambda: (prepack, lambda *a: op(*a) + 1))
         assert kernels.fbgemm_linear_available() is False
         monkeypatch.undo()
@@ -728,19 +733,12 @@ def test_fbgemm_probe_refuses_wrong_sums_and_can_be_turned_off(monkeypatch):
             with reference_math():
                 assert torch.equal(y, q(x))
         assert "_hfptq_fbgemm" not in q.__dict__
-    finally:
         monkeypatch.undo()
-        kernels.fbgemm_linear_available.cache_clear()
 
 
 def test_fbgemm_probe_catches_saturating_pair_sums(monkeypatch):
     """What a CPU without VNNI would do (16-bit saturating sums of pairs of u8 x s8 products) fails the probe."""
-    kernels.fbgemm_linear_available.cache_clear()
-    try:
-        prepack, op = kernels._fbgemm_ops()
-        if prepack is None or op is None:
-            pytest.skip("no FBGEMM linear ops in this build")
-
+    with _fresh_probe(kernels.fbgemm_linear_available, kernels._fbgemm_ops, "FBGEMM linear") as (prepack, op):
         def saturating(x_shifted, scale, zero_point, packed):
             w = torch.ops.quantized.linear_unpack(packed)[0].int_repr().to(torch.int32)
             xu = (x_shifted + zero_point).to(torch.int32)                     # x_q + 128, uint8 values
@@ -751,6 +749,4 @@ def test_fbgemm_probe_catches_saturating_pair_sums(monkeypatch):
 
         monkeypatch.setattr(kernels, "_fbgemm_ops", lambda: (prepack, saturating))
         assert kernels.fbgemm_linear_available() is False
-    finally:
         monkeypatch.undo()
-        kernels.fbgemm_linear_available.cache_clear()
