@@ -232,18 +232,11 @@ def _prefill(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], Any]:
 
 
 def _generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> Callable[[], Any]:
-    from transformers import GenerationConfig
+    from hfptq.evaluation.latency import fixed_length_generation_config
 
-    pad = getattr(model.config, "pad_token_id", None)
-    pad = 0 if pad is None else pad
-    # exactly `new_tokens` tokens: the end-of-sequence id is one the model cannot produce (past both the
-    # vocabulary and the head's logit count, which some models pad). Not min_new_tokens: its logits
-    # processor runs isin() over the whole vocabulary every step (3.8 ms/token on Gemma 3's 262k
-    # vocabulary at one thread), a cost of the benchmark, not of the model
-    head = model.get_output_embeddings()
-    never = max(int(getattr(model.config, "vocab_size", 0) or 0), int(getattr(head, "out_features", 0) or 0))
-    gen = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, use_cache=True, pad_token_id=pad,
-                           eos_token_id=never)
+    # exactly `new_tokens` tokens, with an end-of-sequence id the model cannot produce; not min_new_tokens,
+    # whose isin() over Gemma 3's 262k vocabulary costs 3.8 ms/token (see fixed_length_generation_config)
+    gen = fixed_length_generation_config(model, new_tokens)
     mask = torch.ones_like(prompt)
 
     def run() -> Any:

@@ -111,7 +111,8 @@ def measure_latency(
       last position's logits when the model supports ``logits_to_keep`` (as ``generate`` does);
       median over ``repeats`` runs after ``warmup`` runs.
     * **Decode**: ``generate`` with the KV cache, batch 1, greedy, exactly ``new_tokens`` new
-      tokens (``min_new_tokens`` prevents an early stop). The prefill part is removed by also
+      tokens (the end-of-sequence id is set to one the model cannot produce, see
+      :func:`fixed_length_generation_config`). The prefill part is removed by also
       timing ``generate`` with a single new token: ``decode_tokens_per_s = (new_tokens - 1) /
       (median(t_generate(new_tokens)) - median(t_generate(1)))``.
 
@@ -205,6 +206,28 @@ def measure_latency(
     return result
 
 
+def fixed_length_generation_config(model: torch.nn.Module, new_tokens: int):
+    """A greedy ``GenerationConfig`` (KV cache) that makes exactly ``new_tokens`` tokens.
+
+    The end-of-sequence id is one the model cannot produce (past both ``config.vocab_size`` and the
+    output layer's logit count, which some models pad), so generation never stops early. Not
+    ``min_new_tokens``: its logits processor runs ``isin`` over the whole vocabulary at every step
+    (3.8 ms per token on Gemma 3's 262,144-token vocabulary at one thread), a cost of the
+    measurement that would be counted as the model's.
+    """
+    from transformers import GenerationConfig
+
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    never = max(int(getattr(config, "vocab_size", 0) or 0), int(getattr(head, "out_features", 0) or 0))
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        pad = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
+    return GenerationConfig(do_sample=False, max_new_tokens=new_tokens, use_cache=True, pad_token_id=pad,
+                            eos_token_id=never)
+
+
 def _measure_decode(
     model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int, warmup: int, device: torch.device
 ) -> dict:
@@ -222,19 +245,10 @@ def _measure_decode(
         logger.warning("%s cannot generate(); decode throughput is not measured", type(model).__name__)
         return {**empty, "decode_skipped": f"{type(model).__name__} has no generate()"}
 
-    from transformers import GenerationConfig
-
-    config = getattr(model, "config", None)
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    pad = getattr(config, "pad_token_id", None)
-    if pad is None:
-        pad = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
     attention_mask = torch.ones_like(prompt)
 
     def generate(n: int) -> torch.Tensor:
-        gen_config = GenerationConfig(
-            do_sample=False, max_new_tokens=n, min_new_tokens=n, use_cache=True, pad_token_id=pad, eos_token_id=eos
-        )
+        gen_config = fixed_length_generation_config(model, n)
         return model.generate(prompt, attention_mask=attention_mask, generation_config=gen_config)
 
     out = generate(new_tokens)  # also serves as a warmup run

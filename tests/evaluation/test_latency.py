@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hfptq.errors import ConfigError
-from hfptq.evaluation.latency import measure_latency, peak_rss_bytes, reset_peak_rss
+from hfptq.evaluation.latency import fixed_length_generation_config, measure_latency, peak_rss_bytes, reset_peak_rss
 
 from .toys import UniformLM, tiny_llama
 
@@ -20,6 +20,22 @@ def test_latency_on_a_tiny_random_model():
     assert len(res["prefill_wall_s_runs"]) == 2 and len(res["generate_wall_s_runs"]) == 2
     assert res["prefill_tokens_per_s"] == pytest.approx(2 * 8 / res["prefill_wall_s"])
     assert (res["batch_size"], res["prompt_len"], res["new_tokens"]) == (2, 8, 4)
+
+
+def test_fixed_length_generation_never_stops_early():
+    """A model whose greedy next token is its end-of-sequence id stops at once by default; the
+    measurement's config still makes exactly the requested count, without ``min_new_tokens``."""
+    model = tiny_llama()
+    prompt = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        first = int(model(prompt).logits[0, -1].argmax())
+        model.generation_config.eos_token_id = first
+        stopped = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        config = fixed_length_generation_config(model, 5)
+        full = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+    assert stopped.shape[1] == prompt.shape[1] + 1
+    assert full.shape[1] == prompt.shape[1] + 5
+    assert config.eos_token_id >= model.config.vocab_size and config.min_new_tokens in (None, 0)
 
 
 def test_models_without_generate_skip_decoding():
