@@ -14,7 +14,8 @@ What is measured
                         classic recipe (FBGEMM, per-tensor activations); CPU only
   hfptq-default         ``HfPtqConfig()``: attention FP16 storage (bfloat16 compute on CPU), FFN +
                         LM head W8A8 (int8 per-channel weights, dynamic per-token int8
-                        activations, ``torch._int_mm``), tied embedding reads the LM head's int8
+                        activations; ``torch._int_mm``, FBGEMM for up to 32 rows such as a
+                        decode step), tied embedding reads the LM head's int8
   hfptq-default-bf16    the same plan on a model loaded in bfloat16 (norms, attention scores and
                         activations between layers in bfloat16)
   hfptq-int8            ``HfPtqConfig(scheme={"attention": "int8"})``: every linear W8A8
@@ -41,8 +42,9 @@ What is measured
   ``from_pretrained`` plus quantization.
 * Perplexity on a fixed WikiText-2 test slice (``--ppl-windows`` windows of 512 positions, BOS +
   511 tokens) for every configuration; for hfptq configurations also with the reference math
-  (:func:`hfptq.quant.kernels.reference_math`), plus whether full logits of the first window are
-  bit-identical between the fast path and the reference math.
+  (:func:`hfptq.quant.kernels.reference_math`), plus whether the full logits of the first window
+  and the logits of 16 greedy decode steps are bit-identical between the fast path and the
+  reference math.
 
 Run::
 

@@ -1,0 +1,161 @@
+"""How fast can a 1 x 512 prefill of the default plan be on this CPU? The kernels it cannot avoid, timed alone.
+
+The default plan keeps attention in FP16 storage (bfloat16 matmuls on CPU) and runs the FFN in
+W8A8. Whatever else is optimised, a prefill must still run, per decoder layer:
+
+* ``sdpa``: scaled-dot-product attention of the prompt (float32, as in every configuration:
+  weight quantization does not touch it), with the model's heads, KV heads and head size;
+* ``ffn int8``: the three FFN GEMMs in ``torch._int_mm`` (int8 x int8 -> int32), the fastest
+  int8 GEMM PyTorch has here (at M = 512 it beats FBGEMM);
+* ``attention bf16``: the q/k/v/o projections with oneDNN's prepacked bfloat16 weights (what
+  hfptq runs), and, for the all-int8 plan, the same four in ``torch._int_mm``.
+
+The script times the float32 model's real prefill and these kernels in the same process at one
+thread (process CPU time, configurations alternated, medians), with the shapes read from the
+model's ``config.json``, and prints each as a ratio to the FP32 prefill. The sum of the kernels is
+a lower bound for the plan: no norm, activation, rotary, quantization or rescale op is counted.
+
+Run::
+
+    python benchmarks/prefill_floor.py [--model PATH] [--prompt-len 512] [--repeats 5] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # noqa: E402  (the model location and the CPU description)
+
+
+def _cpu_time(fn: Callable[[], object]) -> float:
+    started = time.process_time()
+    fn()
+    return time.process_time() - started
+
+
+def kernels(config, prompt_len: int) -> Dict[str, Callable[[], object]]:
+    """One callable per unavoidable kernel group, each running all decoder layers."""
+    text = getattr(config, "text_config", config)
+    layers = text.num_hidden_layers
+    hidden, inter = text.hidden_size, text.intermediate_size
+    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    gen = torch.Generator().manual_seed(0)
+    m = prompt_len
+
+    def int8(rows: int, cols: int) -> torch.Tensor:
+        return torch.randint(-127, 128, (rows, cols), generator=gen, dtype=torch.int8)
+
+    # per-layer weights, so that no layer finds another's weights in cache (as in the model)
+    ffn = [(int8(inter, hidden), int8(inter, hidden), int8(hidden, inter)) for _ in range(layers)]
+    x_h, x_i = int8(m, hidden), int8(m, inter)
+    shapes = [(heads * head_dim, hidden), (kv_heads * head_dim, hidden), (kv_heads * head_dim, hidden),
+              (hidden, heads * head_dim)]
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    linear = torch.ops.mkldnn._linear_pointwise
+    attn_bf16 = [[reorder(torch.randn(o, i, generator=gen).to(torch.bfloat16), 1) for o, i in shapes]
+                 for _ in range(layers)]
+    attn_int8 = [[int8(o, i) for o, i in shapes] for _ in range(layers)]
+    xb_h = torch.randn(m, hidden, generator=gen).to(torch.bfloat16)
+    xb_a = torch.randn(m, heads * head_dim, generator=gen).to(torch.bfloat16)
+    xa = int8(m, heads * head_dim)
+    q = torch.randn(1, heads, m, head_dim, generator=gen)
+    k = torch.randn(1, kv_heads, m, head_dim, generator=gen)
+    v = torch.randn(1, kv_heads, m, head_dim, generator=gen)
+    scale = head_dim ** -0.5
+
+    def sdpa() -> None:
+        for _ in range(layers):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=kv_heads != heads)
+
+    def ffn_int8() -> None:
+        for gate, up, down in ffn:
+            torch._int_mm(x_h, gate.t())
+            torch._int_mm(x_h, up.t())
+            torch._int_mm(x_i, down.t())
+
+    def attention_bf16() -> None:
+        for wq, wk, wv, wo in attn_bf16:
+            for w in (wq, wk, wv):
+                linear(xb_h, w, None, "none", [], "")
+            linear(xb_a, wo, None, "none", [], "")
+
+    def attention_int8() -> None:
+        for wq, wk, wv, wo in attn_int8:
+            for w in (wq, wk, wv):
+                torch._int_mm(x_h, w.t())
+            torch._int_mm(xa, wo.t())
+
+    return {"sdpa": sdpa, "ffn int8": ffn_int8, "attention bf16": attention_bf16,
+            "attention int8": attention_int8}
+
+
+def measure(path: str, prompt_len: int, repeats: int, warmup: int) -> Dict[str, object]:
+    torch.set_num_threads(1)
+    model = speed.build("fp32", path, torch.device("cpu"), False)
+    ids = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    fns: Dict[str, Callable[[], object]] = {"fp32 prefill": speed._prefill(model, ids)}
+    fns.update(kernels(model.config, prompt_len))
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():  # alternated, round by round
+            t = _cpu_time(fn)
+            if r >= warmup:
+                samples[name].append(t)
+        print(f"#   round {r + 1}/{warmup + repeats} done", file=sys.stderr, flush=True)
+    med = {name: statistics.median(v) for name, v in samples.items()}
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu_model": speed.cpu_model(), "torch": torch.__version__,
+            "model": path, "prompt_len": prompt_len, "repeats": repeats, "warmup": warmup, "cpu_s": med}
+
+
+def render(result: Dict[str, object]) -> str:
+    med = result["cpu_s"]
+    base = med["fp32 prefill"]
+    lines = [
+        f"# prefill floor, {result['date']}: CPU {result['cpu_model']}, torch {result['torch']}, one thread, "
+        f"process CPU time, medians of {result['repeats']} alternating rounds; model {result['model']}, "
+        f"prompt [1, {result['prompt_len']}]",
+        "",
+        "| what | CPU ms | / FP32 prefill |",
+        "|---|---:|---:|",
+    ]
+    for name, value in med.items():
+        lines.append(f"| {name} | {value * 1e3:,.0f} | {value / base:.2f}x |")
+    plans = {"default plan (sdpa + ffn int8 + attention bf16)": ("sdpa", "ffn int8", "attention bf16"),
+             "all-int8 plan (sdpa + ffn int8 + attention int8)": ("sdpa", "ffn int8", "attention int8")}
+    for label, parts in plans.items():
+        total = sum(med[p] for p in parts)
+        lines.append(f"| **floor, {label}** | {total * 1e3:,.0f} | **{total / base:.2f}x** |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="checkpoint folder (default: Gemma 3 270M from hfptq.models)")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--json", default=None, help="also write the raw numbers here")
+    p.add_argument("--render", default=None, metavar="JSON", help="print the table of an earlier --json file")
+    args = p.parse_args(argv)
+    if args.render:
+        result = json.loads(Path(args.render).read_text())
+    else:
+        result = measure(args.model or speed.default_model_path(), args.prompt_len, args.repeats, args.warmup)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+    print(render(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
