@@ -360,26 +360,37 @@ def _quantize_rows_asym(x: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch
     return t.round_().add_(zp).clamp_(qmin, qmax), scale, zp
 
 
+#: FBGEMM takes one activation zero point per call. With several rows of asymmetric activations it gets
+#: ``z = 0`` and the per-row ``z * rowsum(W)`` is subtracted from its float32 output; that is exact (the
+#: reference's ``float(acc - z * rowsum)``) while every term is an integer of magnitude <= 2**24, which
+#: ``K * 128 * 128 <= 2**24`` guarantees: inputs of at most 1,024 features.
+FBGEMM_ROW_ZERO_POINT_MAX_K = 2**24 // (128 * 128)
+
+
 def quantize_rows_for_fbgemm(
     x: torch.Tensor, bits: int = 8, symmetric: bool = True
-) -> Optional[Tuple[torch.Tensor, int, torch.Tensor]]:
+) -> Optional[Tuple[torch.Tensor, int, torch.Tensor, Optional[torch.Tensor]]]:
     """Per-token quantization of ``x [M, K]`` in the form :func:`fbgemm_int8_linear` takes.
 
-    Returns ``(x_q - z as float32, z + 128, scale [M, 1])`` with the same ``x_q``, ``z`` and
-    ``scale`` as :func:`quantize_per_token_fast`, or ``None`` when a row holds NaN or infinity (the
-    caller then takes the general route, whose numbers are the reference's whatever the input).
-    Asymmetric quantization has one zero point per row, FBGEMM one per call: ``M`` must then be 1.
+    Returns ``(x_shifted, zero_point, scale [M, 1], row_zero_points)`` with the same ``x_q``, ``z``
+    and ``scale`` as :func:`quantize_per_token_fast`, or ``None`` when a row holds NaN or infinity
+    (the caller then takes the general route, whose numbers are the reference's whatever the input):
+
+    * symmetric, any ``M``: ``(x_q, 128, scale, None)``;
+    * asymmetric, one row (decode): ``(x_q - z, z + 128, scale, None)``: FBGEMM's zero point stands
+      for the row's;
+    * asymmetric, several rows: ``(x_q, 128, scale, z [M, 1])``: the caller subtracts ``z * rowsum(W)``
+      (exact for ``K <= FBGEMM_ROW_ZERO_POINT_MAX_K``).
 
     Why the numbers are the same:
 
-    * Symmetric: the same operations as :func:`quantize_per_token_fast` (``z = 0``).
-    * Asymmetric, one row (decode): the row's scale and zero point are a handful of scalar
-      operations; they run on NumPy ``float32`` scalars, which round every ``+ - /`` to float32
-      exactly as the tensor operations do (``np.rint`` and ``torch.round`` both round half to even),
-      instead of a dozen one-element tensor operations. The division ``x / scale`` stays a tensor
-      operation. ``clamp(round(x / s) + z, qmin, qmax) - z`` is computed as
-      ``clamp(round(x / s), qmin - z, qmax - z)``: the same integers, exactly (small integers in
-      float32).
+    * Symmetric and several asymmetric rows: the same operations as :func:`quantize_per_token_fast`.
+    * Asymmetric, one row: the row's scale and zero point are a handful of scalar operations; they
+      run on NumPy ``float32`` scalars, which round every ``+ - /`` to float32 exactly as the tensor
+      operations do (``np.rint`` and ``torch.round`` both round half to even), instead of a dozen
+      one-element tensor operations. The division ``x / scale`` stays a tensor operation.
+      ``clamp(round(x / s) + z, qmin, qmax) - z`` is computed as ``clamp(round(x / s), qmin - z,
+      qmax - z)``: the same integers, exactly (small integers in float32).
     """
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
@@ -389,9 +400,12 @@ def quantize_rows_for_fbgemm(
         scale = (amax if amax.dtype == torch.float32 else amax.float()).div_(qmax).clamp_(min=SCALE_EPS)
         xf, owned = _as_float32(x)
         t = xf.div_(scale) if owned else torch.div(xf, scale)
-        return t.round_(), 128, scale
+        return t.round_(), 128, scale, None
     if x.shape[0] != 1:
-        raise ValueError(f"asymmetric per-token inputs go to FBGEMM one row at a time, got {x.shape[0]} rows")
+        q, scale, zp = _quantize_rows_asym(x, bits)
+        if not math.isfinite(float(scale.sum())):  # NaN or infinity in x makes its row's scale so
+            return None
+        return q, 128, scale, zp
     lo_t, hi_t = torch.aminmax(x)
     lo, hi = float(lo_t), float(hi_t)  # exact: float32/bfloat16/float16 values
     if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -405,7 +419,7 @@ def quantize_rows_for_fbgemm(
     scale = torch.full((1, 1), float(s), dtype=torch.float32, device=x.device)
     xf, owned = _as_float32(x)
     t = xf.div_(scale) if owned else torch.div(xf, scale)
-    return t.round_().clamp_(qmin - z, qmax - z), z + 128, scale
+    return t.round_().clamp_(qmin - z, qmax - z), z + 128, scale, None
 
 
 def quantize_fast(

@@ -41,6 +41,7 @@ from ..errors import CalibrationError
 from .rotation import rotate
 from .kernels import (
     FBGEMM_MAX_ROWS,
+    FBGEMM_ROW_ZERO_POINT_MAX_K,
     cached_cast,
     cached_derived,
     clear_cached,
@@ -161,7 +162,7 @@ class QuantLinear(nn.Module):
             self.register_parameter("bias", None)
         self._weight_rowsum: Optional[torch.Tensor] = None
 
-    _CACHE_SLOTS = ("_hfptq_rowsum", "_hfptq_fbgemm")
+    _CACHE_SLOTS = ("_hfptq_rowsum", "_hfptq_fbgemm", "_hfptq_rowsum_f32")
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
@@ -343,7 +344,8 @@ class QuantLinear(nn.Module):
         rows = x.numel() // k if k else 0
         if (x.device.type == "cpu" and 0 < rows <= FBGEMM_MAX_ROWS and self.weight_bits == 8
                 and self.weight_zero_point is None and fbgemm_linear_available()
-                and (rows == 1 or self.act_mode == "static" or self.act_symmetric)):
+                and (rows == 1 or self.act_mode == "static" or self.act_symmetric
+                     or k <= FBGEMM_ROW_ZERO_POINT_MAX_K)):
             y = self._forward_int8_fbgemm(x)
             if y is not None:
                 return y
@@ -381,17 +383,23 @@ class QuantLinear(nn.Module):
                                       lambda t: quantize_rows_for_fbgemm(t.reshape(-1, k), bits, sym))
             if prepared is None:  # NaN or infinity in the input: the general route
                 return None
-            xs_shift, z, xs = prepared
+            xs_shift, z, xs, row_zero_points = prepared
         else:
             xs, xz = self.input_scale, self.input_zero_point
             xs_shift = quantize_fast(x2, xs, xz, self.act_bits, self.act_symmetric).to(torch.float32)
-            z = 128
+            z, row_zero_points = 128, None
             if xz is not None:
                 z0 = int(xz.item())
                 xs_shift.sub_(z0)
                 z += z0
         packed = cached_derived(self, "_hfptq_fbgemm", self.qweight, fbgemm_pack)
         y = fbgemm_int8_linear(xs_shift, z, packed)
+        if row_zero_points is not None:
+            # float(sum x_q w) - z * rowsum(W): integers <= 2**24 in magnitude (K <= 1,024), so the one
+            # rounding is that of the reference's float(acc - z * rowsum)
+            rowsum = cached_derived(self, "_hfptq_rowsum_f32", self.qweight,
+                                    lambda w: self._weight_rowsum_for(w).to(torch.float32))
+            y.addr_(row_zero_points.reshape(-1), rowsum, alpha=-1)
         y.mul_(xs).mul_(self.weight_scale.reshape(1, -1))
         if self.bias is not None:
             y.add_(self.bias if self.bias.dtype == torch.float32 else self.bias.to(torch.float32))

@@ -143,7 +143,8 @@ def test_quantize_rows_for_fbgemm_gives_the_reference_quantization(dtype, symmet
         if not torch.isfinite(x).all():
             continue  # float16 overflow of the widest rows
         q, s, z = quantize_per_token(x, 8, symmetric)
-        shifted, zero_point, scale = kernels.quantize_rows_for_fbgemm(x, 8, symmetric)
+        shifted, zero_point, scale, row_zero_points = kernels.quantize_rows_for_fbgemm(x, 8, symmetric)
+        assert row_zero_points is None
         z0 = 0 if z is None else int(z)
         assert zero_point == z0 + 128
         assert torch.equal(scale, s)
@@ -167,8 +168,12 @@ def test_quantize_rows_for_fbgemm_refuses_non_finite_rows_and_modules_fall_back(
                     general = q(x)
             assert not torch.isfinite(y).all()
             torch.testing.assert_close(y, general, rtol=0, atol=0, equal_nan=True)
-    with pytest.raises(ValueError, match="one row at a time"):
-        kernels.quantize_rows_for_fbgemm(_x(2, 96), 8, False)
+    x = _x(3, 96)
+    q, _, z = quantize_per_token(x, 8, False)
+    shifted, zero_point, scale, row_zero_points = kernels.quantize_rows_for_fbgemm(x, 8, False)
+    assert zero_point == 128 and torch.equal(shifted, q.float()) and torch.equal(row_zero_points, z.float())
+    x[1, 3] = float("nan")
+    assert kernels.quantize_rows_for_fbgemm(x, 8, False) is None
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
@@ -690,8 +695,31 @@ def test_fbgemm_route_equals_reference(rows, acts, inputs):
         with reference_math():
             ref = q(x)
     assert torch.equal(fast, ref)
-    expect = rows <= kernels.FBGEMM_MAX_ROWS and (rows == 1 or acts != "dynamic-asym")
-    assert ("_hfptq_fbgemm" in q.__dict__) == expect
+    assert ("_hfptq_fbgemm" in q.__dict__) == (rows <= kernels.FBGEMM_MAX_ROWS)
+    # several rows of asymmetric activations: per-row zero points subtracted from FBGEMM's float output
+    assert ("_hfptq_rowsum_f32" in q.__dict__) == (1 < rows <= kernels.FBGEMM_MAX_ROWS and acts == "dynamic-asym")
+
+
+@fbgemm
+@pytest.mark.parametrize("k", [kernels.FBGEMM_ROW_ZERO_POINT_MAX_K, kernels.FBGEMM_ROW_ZERO_POINT_MAX_K + 16])
+def test_fbgemm_row_zero_points_at_the_exactness_bound(k):
+    """The largest sums the per-row correction can meet: every weight at 127, rows quantized to -128 with
+    zero point 127 (|sum| and |z * rowsum| just under 2**24, their difference ~2**25 and rounded once,
+    as the reference rounds it). Past K = 1,024 several asymmetric rows take torch._int_mm."""
+    lin = nn.Linear(k, 24, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(0.5)
+    q = _quant(lin, W8, "dynamic-asym")
+    assert int(q.qweight.min()) == int(q.qweight.max()) == 127
+    x = torch.cat([torch.full((3, k), -2.0), _x(2, k, seed=4)])
+    with torch.no_grad():
+        fast = q(x)
+        with reference_math():
+            ref = q(x)
+        xq, _, zp = quantize_per_token(x, 8, False)
+    assert int(xq[0].min()) == int(xq[0].max()) == -128 and int(zp[0]) == 127
+    assert torch.equal(fast, ref)
+    assert ("_hfptq_fbgemm" in q.__dict__) == (k <= kernels.FBGEMM_ROW_ZERO_POINT_MAX_K)
 
 
 @fbgemm
