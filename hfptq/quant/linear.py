@@ -89,7 +89,36 @@ def resolve_compute_dtype(setting: str, device: torch.device, storage: torch.dty
     return storage
 
 
-class QuantLinear(nn.Module):
+class _DerivedCaches:
+    """Derived copies kept in plain attributes (see :func:`~hfptq.quant.kernels.cached_derived`):
+    dropped when the module is pickled or deep-copied, and when ``.to()``/``.cuda()``/``.half()``
+    replace the tensors they were made from (an entry keeps its source alive, so a stale one would
+    hold the old weights, e.g. a CPU copy after ``model.to("cuda")``)."""
+
+    _CACHE_SLOTS: tuple = ()
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        for slot in self._CACHE_SLOTS:
+            state.pop(slot, None)
+        return state
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        current = {tensor_key(t) for t in (*self._parameters.values(), *self._buffers.values()) if t is not None}
+        for slot in self._CACHE_SLOTS:
+            entry = self.__dict__.get(slot)
+            if entry is not None and entry[0] not in current:
+                del self.__dict__[slot]
+        return out
+
+    def clear_cache(self) -> None:
+        """Free the derived copies (they are rebuilt at the next forward that needs them)."""
+        for slot in self._CACHE_SLOTS:
+            clear_cached(self, slot)
+
+
+class QuantLinear(_DerivedCaches, nn.Module):
     """Linear layer with integer weights.
 
     Execution (``act_mode``):
@@ -166,8 +195,6 @@ class QuantLinear(nn.Module):
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
-        for slot in self._CACHE_SLOTS:
-            state.pop(slot, None)
         state["_weight_rowsum"] = None
         return state
 
@@ -419,7 +446,7 @@ class QuantLinear(nn.Module):
         return F.linear(xf, w, bias).to(x.dtype)
 
 
-class FloatLinear(nn.Module):
+class FloatLinear(_DerivedCaches, nn.Module):
     """Linear kept in a float *storage* dtype (e.g. FP16) that computes in ``compute_dtype``.
 
     On CPU, FP16 matmul is about 200x slower than FP32, so ``compute_dtype="auto"`` computes FP16
@@ -473,17 +500,6 @@ class FloatLinear(nn.Module):
         if bias is not None:
             out.bias.data = bias.detach().to(storage_dtype)
         return out
-
-    def __getstate__(self) -> Dict[str, Any]:
-        state = super().__getstate__()
-        for slot in self._CACHE_SLOTS:
-            state.pop(slot, None)
-        return state
-
-    def clear_cache(self) -> None:
-        """Free the compute-dtype copy of the weight (it is rebuilt at the next forward if enabled)."""
-        for slot in self._CACHE_SLOTS:
-            clear_cached(self, slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cd = resolve_compute_dtype(self.compute_dtype_setting, x.device, self.storage_dtype)

@@ -778,3 +778,28 @@ def test_fbgemm_probe_catches_saturating_pair_sums(monkeypatch):
         monkeypatch.setattr(kernels, "_fbgemm_ops", lambda: (prepack, saturating))
         assert kernels.fbgemm_linear_available() is False
         monkeypatch.undo()
+
+
+def test_derived_copies_follow_module_moves():
+    """``.to()`` that keeps the tensors keeps the derived copies; one that replaces them (another
+    device, here ``meta`` and a cloning ``_apply``) drops them, instead of pinning the old weights."""
+    q = _quant(_linear(), W8, "dynamic-asym")
+    f = FloatLinear.from_float(_linear(), torch.float16)
+    x = _x(1, 96)
+    with torch.no_grad():
+        q(x), f(x)
+        slots_q = {s for s in q._CACHE_SLOTS if s in q.__dict__}
+        slots_f = {s for s in f._CACHE_SLOTS if s in f.__dict__}
+        assert slots_q and slots_f
+        q.to("cpu"), f.to("cpu")
+        assert {s for s in q._CACHE_SLOTS if s in q.__dict__} == slots_q
+        assert {s for s in f._CACHE_SLOTS if s in f.__dict__} == slots_f
+        q._apply(lambda t: t.clone()), f._apply(lambda t: t.clone())
+        assert not any(s in q.__dict__ for s in q._CACHE_SLOTS)
+        assert not any(s in f.__dict__ for s in f._CACHE_SLOTS)
+        y_q, y_f = q(x), f(x)  # rebuilt from the new tensors
+        with reference_math():
+            assert torch.equal(y_q, q(x)) and torch.equal(y_f, f(x))
+        q.to("meta"), f.to("meta")
+    assert not any(s in q.__dict__ for s in q._CACHE_SLOTS)
+    assert not any(s in f.__dict__ for s in f._CACHE_SLOTS)
