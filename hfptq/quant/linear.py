@@ -189,14 +189,8 @@ class QuantLinear(_DerivedCaches, nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self._weight_rowsum: Optional[torch.Tensor] = None
 
     _CACHE_SLOTS = ("_hfptq_rowsum", "_hfptq_fbgemm", "_hfptq_rowsum_f32")
-
-    def __getstate__(self) -> Dict[str, Any]:
-        state = super().__getstate__()
-        state["_weight_rowsum"] = None
-        return state
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -254,8 +248,7 @@ class QuantLinear(_DerivedCaches, nn.Module):
         self.weight_scale.data = scale.to(self.weight_scale.device)
         if zp is not None:
             self.weight_zero_point.data = zp.to(self.weight_scale.device)
-        self._weight_rowsum = None
-        clear_cached(self, "_hfptq_rowsum")
+        self.clear_cache()  # row sums, FBGEMM's packed copy: derived from the old weight
 
     @torch.no_grad()
     def set_input_qparams(self, scale: torch.Tensor, zero_point: Optional[torch.Tensor] = None) -> None:
@@ -318,18 +311,11 @@ class QuantLinear(_DerivedCaches, nn.Module):
         return y.to(x.dtype)
 
     def _weight_rowsum_for(self, w: torch.Tensor) -> torch.Tensor:
-        """``sum_k W[n, k]`` in int32, derived lazily and rebuilt whenever ``qweight`` changes."""
-        key = tensor_key(self.qweight)
-        entry = self.__dict__.get("_hfptq_rowsum")
-        if key is not None and entry is not None and entry[0] == key:
-            return entry[2]
+        """``sum_k W[n, k]`` in int32 of the int8 weight ``w`` (``qweight``), kept while ``qweight`` is unchanged."""
         # one small integer GEMM against ones: exact, and no [out, in] int32/int64 copy of the weight
         # (``w.to(int32).sum(1)`` briefly needed 2 GB for Gemma's 262,144 x 640 LM head)
-        rowsum = int8_matmul(w, torch.ones(8, w.shape[1], dtype=torch.int8, device=w.device))[:, 0].contiguous()
-        if key is not None:
-            self.__dict__["_hfptq_rowsum"] = (key, self.qweight.detach(), rowsum)
-        self._weight_rowsum = rowsum
-        return rowsum
+        return cached_derived(self, "_hfptq_rowsum", self.qweight, lambda _: int8_matmul(
+            w, torch.ones(8, w.shape[1], dtype=torch.int8, device=w.device))[:, 0].contiguous())
 
     def _quantize_input(self, x2: torch.Tensor):
         if self.act_mode == "dynamic":

@@ -800,6 +800,11 @@ def test_derived_copies_follow_module_moves():
         y_q, y_f = q(x), f(x)  # rebuilt from the new tensors
         with reference_math():
             assert torch.equal(y_q, q(x)) and torch.equal(y_f, f(x))
+        q.set_weight(_linear(seed=5).weight)  # a new weight: every copy derived from the old one goes
+        assert not any(s in q.__dict__ for s in q._CACHE_SLOTS)
+        y_q = q(x)
+        with reference_math():
+            assert torch.equal(y_q, q(x))
         q.to("meta"), f.to("meta")
     assert not any(s in q.__dict__ for s in q._CACHE_SLOTS)
     assert not any(s in f.__dict__ for s in f._CACHE_SLOTS)
