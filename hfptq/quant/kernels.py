@@ -178,7 +178,10 @@ FBGEMM_MAX_ROWS = 32
 _FBGEMM_OP = "linear_with_input_q_dq_qweight_dq_output_fp32"
 
 
+@functools.lru_cache(maxsize=None)
 def _fbgemm_ops():
+    """``(linear_prepack, linear_with_input_q_dq_qweight_dq_output_fp32)`` overloads, or ``(None, None)``;
+    looked up once (:func:`fbgemm_int8_linear` runs once per quantized linear per decode step)."""
     quantized = getattr(torch.ops, "quantized", None)
     if quantized is None:
         return None, None
@@ -307,13 +310,19 @@ def quantize_per_token_fast(
         True
     """
     if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        amax = x.abs().amax(dim=-1, keepdim=True)
-        scale = (amax if amax.dtype == torch.float32 else amax.float()).div_(qmax).clamp_(min=SCALE_EPS)
-        xf, owned = _as_float32(x)
-        t = xf.div_(scale) if owned else torch.div(xf, scale)
-        return t.round_().to(torch.int8), scale, None
+        q, scale = _quantize_rows_sym(x, x.abs().amax(dim=-1, keepdim=True), bits)
+        return q.to(torch.int8), scale, None
     return quantize_per_token_asym_fast(x, bits)
+
+
+def _quantize_rows_sym(x: torch.Tensor, amax: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token quantization as float32 tensors ``(q, scale)`` from the rows' ``|x|`` maxima
+    (see :func:`quantize_per_token_fast` for why it is the reference's numbers)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = (amax if amax.dtype == torch.float32 else amax.float()).div_(qmax).clamp_(min=SCALE_EPS)
+    xf, owned = _as_float32(x)
+    t = xf.div_(scale) if owned else torch.div(xf, scale)
+    return t.round_(), scale
 
 
 def quantize_per_token_asym_fast(
@@ -393,14 +402,11 @@ def quantize_rows_for_fbgemm(
       qmax - z)``: the same integers, exactly (small integers in float32).
     """
     if symmetric:
-        qmax = 2 ** (bits - 1) - 1
         amax = x.abs().amax(dim=-1, keepdim=True)
         if not math.isfinite(float(amax.max() if amax.numel() > 1 else amax)):
             return None
-        scale = (amax if amax.dtype == torch.float32 else amax.float()).div_(qmax).clamp_(min=SCALE_EPS)
-        xf, owned = _as_float32(x)
-        t = xf.div_(scale) if owned else torch.div(xf, scale)
-        return t.round_(), 128, scale, None
+        q, scale = _quantize_rows_sym(x, amax, bits)
+        return q, 128, scale, None
     if x.shape[0] != 1:
         q, scale, zp = _quantize_rows_asym(x, bits)
         if not math.isfinite(float(scale.sum())):  # NaN or infinity in x makes its row's scale so
