@@ -136,21 +136,21 @@ def release_checkpoint_mapping(model: nn.Module) -> int:
     copied into ordinary memory, so the mapping is released once the loader lets go of it. Tied
     parameters stay tied (``.data`` is replaced on the shared parameter).
     """
-    copies: Dict[int, torch.Tensor] = {}
+    copies: Dict[int, torch.Tensor] = {}  # buffers shared by several modules get one copy
     count = 0
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for name, tensor in table.items():
                 if tensor is None or tensor.device.type != "cpu" or tensor.untyped_storage().resizable():
                     continue
+                if isinstance(tensor, nn.Parameter):
+                    tensor.data = tensor.detach().clone()  # in place: a tied parameter's next visit sees the copy
+                    count += 1
+                    continue
                 if id(tensor) not in copies:
                     copies[id(tensor)] = tensor.detach().clone()
                     count += 1
-                    if isinstance(tensor, nn.Parameter):
-                        tensor.data = copies[id(tensor)]
-                        continue
-                if not isinstance(tensor, nn.Parameter):
-                    table[name] = copies[id(tensor)]
+                table[name] = copies[id(tensor)]
     if count:
         logger.debug("hfptq: copied %d tensors out of the memory-mapped checkpoint", count)
     return count
