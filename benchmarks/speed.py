@@ -348,12 +348,12 @@ def perplexity_rows(models: Dict[str, torch.nn.Module], args: argparse.Namespace
 
 def _decode_logits(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> Tuple[tuple, tuple]:
     """Greedy decode logits of every step, with the fast path and with the reference math."""
+    from hfptq.evaluation.latency import fixed_length_generation_config
     from hfptq.quant.kernels import reference_math
 
-    kw = dict(max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True,
+    gen = fixed_length_generation_config(model, steps)
+    kw = dict(generation_config=gen, output_logits=True, return_dict_in_generate=True,
               attention_mask=torch.ones_like(prompt))
-    pad = getattr(model.config, "pad_token_id", None)
-    kw["pad_token_id"] = 0 if pad is None else pad
     with torch.no_grad():  # what generate uses; see hfptq.quant.kernels.prepared_input
         fast = model.generate(prompt, **kw).logits
         with reference_math():
