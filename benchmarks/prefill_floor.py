@@ -36,12 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402  (the model location and the CPU description)
 
 
-def _cpu_time(fn: Callable[[], object]) -> float:
-    started = time.process_time()
-    fn()
-    return time.process_time() - started
-
-
 def kernels(config, prompt_len: int) -> Dict[str, Callable[[], object]]:
     """One callable per unavoidable kernel group, each running all decoder layers."""
     text = getattr(config, "text_config", config)
@@ -108,7 +102,7 @@ def measure(path: str, prompt_len: int, repeats: int, warmup: int) -> Dict[str, 
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     for r in range(warmup + repeats):
         for name, fn in fns.items():  # alternated, round by round
-            t = _cpu_time(fn)
+            _, t = speed._timed(fn, torch.device("cpu"))  # process CPU time
             if r >= warmup:
                 samples[name].append(t)
         print(f"#   round {r + 1}/{warmup + repeats} done", file=sys.stderr, flush=True)
