@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import ConfigError, ConfigTypeError, suggest
+from .options import check_options
 
 QUANT_METHOD = "hfptq"
 #: Version of the on-disk format (config.json ``quantization_config`` + tensor layout).
@@ -97,7 +98,14 @@ def default_activation_args(mode: str = "dynamic") -> Dict[str, Any]:
     return {"mode": "none"}
 
 
+_SCHEMA_OF = {id(WEIGHT_FIELDS): "weights", id(ACTIVATION_FIELDS): "activations", id(CALIBRATION_FIELDS): "calibration"}
+
+
 def _check_fields(section: str, values: Mapping[str, Any], spec: Mapping[str, Any]) -> None:
+    schema = _SCHEMA_OF.get(id(spec))
+    if schema is not None:
+        # names, types and ranges from the one options schema (hfptq.options); the choices below too
+        check_options(schema, values, prefix=section)
     if not isinstance(values, Mapping):
         raise ConfigTypeError(
             f"{section} must be a mapping such as {{{', '.join(repr(k) + ': ...' for k in list(spec)[:2])}}} "
@@ -453,6 +461,7 @@ class HfPtqConfig(QuantizationConfigMixin):
             return {}
         if not isinstance(value, Mapping):
             raise ConfigTypeError(f"{name} must be a mapping of options, True, or None (got {value!r}).")
+        check_options(name, value)  # names, types and ranges now, not after the model loaded
         return dict(value)
 
     def post_init(self) -> None:

@@ -6,7 +6,14 @@ from __future__ import annotations
 
 
 class HfPtqError(Exception):
-    """Base class of all hfptq errors."""
+    """Base class of all hfptq errors.
+
+    ``key`` (optional) is the offending option name, so that a recipe loader can point at its line.
+    """
+
+    def __init__(self, *args: object, key: object = None) -> None:
+        super().__init__(*args)
+        self.key = key
 
 
 class ConfigError(HfPtqError, ValueError):

@@ -137,11 +137,21 @@ class _LineLoader(yaml.SafeLoader):
     """SafeLoader that remembers the line of every mapping key."""
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"duplicate key {key!r} (first at line {first})")
+        self.key, self.line, self.first = key, line, first
+
+
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool = False):
     mapping = {}
     lines = {}
+    loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if key in lines:
+            # PyYAML keeps the last value silently; a recipe with two `alpha:` lines is a mistake
+            raise _DuplicateKey(key, key_node.start_mark.line + 1, lines[key])
         mapping[key] = loader.construct_object(value_node, deep=deep)
         lines[key] = key_node.start_mark.line + 1
     mapping_with_lines = _LinedDict(mapping)
@@ -223,12 +233,22 @@ def load_recipe(path_or_text: Union[str, Path, Mapping[str, Any]], *, source: Op
             source = source or "<string>"
         try:
             data = yaml.load(text, Loader=_LineLoader)
+        except _DuplicateKey as exc:
+            raise RecipeError(
+                f"{source}:{exc.line}: duplicate key {exc.key!r} (also at line {exc.first}); YAML would keep only "
+                "the last one. Remove one of them."
+            ) from None
         except yaml.YAMLError as exc:
             raise RecipeError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(data, Mapping):
         raise RecipeError(f"{source}: a recipe is a YAML mapping with keys {', '.join(_SCHEMA)}.")
     _validate(data, _SCHEMA, "", source)
     version = data.get("version", RECIPE_VERSION)
+    if version < 1:
+        raise RecipeError(
+            f"{_where(source, data, 'version')}: version={version} is not a recipe version: write version: "
+            f"{RECIPE_VERSION}."
+        )
     if version > RECIPE_VERSION:
         raise RecipeError(
             f"{_where(source, data, 'version')}: recipe version {version} is newer than this hfptq understands "
@@ -250,8 +270,45 @@ def load_recipe(path_or_text: Union[str, Path, Mapping[str, Any]], *, source: Op
         evaluation=_plain(data.get("evaluation") or {}), output=_plain(data.get("output") or {}),
         description=str(data.get("description") or ""), version=int(version), source=source,
     )
-    recipe.to_config()  # validates the quantization section now, with the recipe's name in the error
+    quantization = data.get("quantization") or {}
+    _check_option_sections(quantization, source)
+    try:
+        recipe.to_config()  # validates the quantization section now, with the recipe's file in the error
+    except RecipeError as exc:
+        key = getattr(exc.__cause__, "key", None)
+        line_of = key if key in quantization else None
+        if line_of is None or not getattr(quantization, "lines", None):
+            raise
+        raise RecipeError(f"{_where(source, quantization, line_of)}: quantization: {exc.__cause__}") from exc.__cause__
     return recipe
+
+
+def _check_option_sections(quantization: Mapping, source: str) -> None:
+    """Check every option section of ``quantization`` against :mod:`hfptq.options`; errors carry the line."""
+    from .options import check_options
+
+    def check(section: str, values: Any, where: str, parent: Mapping, key: str) -> None:
+        if isinstance(values, str) and section == "activations":
+            values = {"mode": values}
+        if values is None or values is True or values is False:
+            return
+        try:
+            check_options(section, values, prefix=f"quantization.{where}")
+        except HfPtqError as exc:
+            bad = exc.key if isinstance(values, Mapping) and exc.key in values else None
+            loc = _where(source, values, bad) if bad is not None else _where(source, parent, key)
+            raise RecipeError(f"{loc}: {exc}", key=exc.key) from exc
+
+    for section in ("weights", "activations", "calibration", "smoothquant", "gptq"):
+        if section in quantization:
+            check(section, quantization[section], section, quantization, section)
+    rules = quantization.get("rules")
+    if isinstance(rules, list):
+        for index, rule in enumerate(rules):
+            if isinstance(rule, Mapping):
+                for section in ("weights", "activations"):
+                    if section in rule:
+                        check(section, rule[section], f"rules[{index}].{section}", rule, section)
 
 
 def builtin_recipes_dir() -> Path:

@@ -263,3 +263,82 @@ def test_registration_survives_reimport():
     finally:  # keep the classes the rest of the session imported
         for module, namespace in saved.items():
             vars(module).update(namespace)
+
+
+# ------------------------------------------------------------------------------------------------
+# the one options schema (hfptq.options)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_readme_option_table_is_the_generated_one():
+    from pathlib import Path
+
+    from hfptq.options import options_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    begin, end = "<!-- options-table:begin -->\n", "<!-- options-table:end -->"
+    assert begin in readme and end in readme
+    table = readme.split(begin, 1)[1].split(end, 1)[0]
+    assert table == options_markdown(), "README option table is stale: paste hfptq.options.options_markdown()"
+
+
+def test_option_schema_defaults_match_the_code_that_uses_them():
+    from hfptq.algorithms import OPTION_DEFAULTS
+    from hfptq.data import DEFAULT_SPEC
+    from hfptq.options import SCHEMA, defaults
+
+    for name, code_defaults in OPTION_DEFAULTS.items():
+        assert set(SCHEMA[name]) == set(code_defaults), name
+        assert defaults(name) == code_defaults, name
+    calib = defaults("calibration")
+    for key, value in DEFAULT_SPEC.items():
+        assert calib[key] == value, key
+    filled = HfPtqConfig(calibration={"dataset": "x"}).calibration
+    for key, value in filled.items():
+        if key != "dataset":
+            assert calib[key] == value, key
+
+
+def test_options_module_imports_only_errors():
+    import ast
+    from pathlib import Path
+
+    import hfptq.options as options
+
+    tree = ast.parse(Path(options.__file__).read_text())
+    local = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level}
+    assert local == {"errors"}
+
+
+@pytest.mark.parametrize("section,options,fragments", [
+    ("gptq", {"dampp": 0.01}, ["Unknown option gptq.dampp", "Did you mean 'damp'?"]),
+    ("smoothquant", {"alpah": 0.5}, ["smoothquant.alpah", "Did you mean 'alpha'?"]),
+    ("gptq", {"damp": -1}, ["gptq.damp must be in"]),
+    ("smoothquant", {"alpha": 5}, ["smoothquant.alpha must be in", "[0, 1]"]),
+    ("smoothquant", {"alpha": "serch"}, ["Did you mean 'search'?"]),
+    ("gptq", {"block_size": 0}, ["gptq.block_size must be a positive integer"]),
+])
+def test_algorithm_options_checked_when_the_config_is_built(section, options, fragments):
+    with pytest.raises(HfPtqError) as info:
+        HfPtqConfig(calibration={"dataset": "wikitext"}, **{section: options})
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("calibration,fragment", [
+    ({"percentile": 150}, "calibration.percentile must be in (0, 100]"),
+    ({"bins": 0}, "calibration.bins must be in"),
+    ({"averaging_constant": 2.0}, "calibration.averaging_constant must be in (0, 1]"),
+    ({"observer": "minmx"}, "Did you mean 'minmax'?"),
+])
+def test_calibration_ranges_checked_when_the_config_is_built(calibration, fragment):
+    with pytest.raises(ConfigError) as info:
+        HfPtqConfig(activations="static", calibration={"dataset": "wikitext", **calibration})
+    assert fragment in str(info.value)
+
+
+def test_activation_percentile_range_checked_in_rules():
+    with pytest.raises(ConfigError, match=r"rules\[0\]\.activations\.percentile must be in"):
+        HfPtqConfig(rules=[{"targets": "down_proj", "precision": "int8",
+                            "activations": {"mode": "static", "observer": "percentile", "percentile": 150}}],
+                    calibration={"dataset": "wikitext"})
