@@ -67,7 +67,6 @@ not the default ``"minmax"``, else ``calibration.observer``. Options (``percenti
 from __future__ import annotations
 
 import copy
-import importlib
 import inspect
 import logging
 import time
@@ -79,9 +78,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import algorithms
+from .algorithms.base import (
+    CalibrationStep,
+    ChannelAbsMax,
+    CrossAccumulator,
+    HessianAccumulator,
+    LayerWork,
+    StatsHook,
+)
+from .algorithms.gptq import GPTQStep
+from .algorithms.smoothquant import SmoothQuantStep
+from .architectures import find_decoder_layers, find_module, is_quantizable_linear, weight_out_in
 from .config import OBSERVER_NAMES, HfPtqConfig
 from .errors import CalibrationError, ConfigError
-from .plan import ModuleSpec, Plan, is_quantizable_linear
+from .plan import ModuleSpec, Plan
 from .quant.kernels import cpu_has_fast_bf16
 from .quant.observers import Observer, make_observer
 from .quant.qparams import qrange
@@ -90,20 +101,19 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CalibrationResult",
+    "CalibrationStep",
     "ChannelAbsMax",
+    "CrossAccumulator",
     "HessianAccumulator",
     "MemoryEstimate",
     "StatsHook",
     "calibrate",
+    "default_steps",
     "describe_activation_scheme",
     "estimate_calibration_memory",
     "find_decoder_layers",
     "observer_settings",
 ]
-
-StatsHook = Callable[[str, torch.Tensor, int], None]
-"""``hook(module_name, x, batch_index)``: called with the 2-D input ``[tokens, in_features]`` of
-every planned linear during the observing pass (what SmoothQuant/GPTQ-like algorithms need)."""
 
 #: Observer options and the observers that accept them.
 _OBSERVER_OPTIONS: Dict[str, Tuple[str, ...]] = {
@@ -113,24 +123,6 @@ _OBSERVER_OPTIONS: Dict[str, Tuple[str, ...]] = {
 }
 _DEFAULT_OBSERVER = "minmax"
 
-#: Where decoder layers live in common Transformers models (tried in order, then a heuristic).
-_DECODER_LAYER_PATHS = (
-    "model.layers",  # Llama, Gemma, Qwen, Mistral, Phi-3 (*ForCausalLM)
-    "model.language_model.layers",  # multimodal wrappers (Gemma 3, Llava-style)
-    "model.decoder.layers",  # OPT
-    "transformer.h",  # GPT-2, GPT-J, Bloom, Falcon
-    "gpt_neox.layers",  # GPT-NeoX, Pythia
-    "transformer.layers",
-    "transformer.blocks",  # MPT
-    "bert.encoder.layer",
-    "roberta.encoder.layer",
-    "encoder.layer",
-    "distilbert.transformer.layer",
-    "transformer.layer",
-    "layers",
-    "h",
-    "decoder.layers",
-)
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
 
 
@@ -159,185 +151,8 @@ class CalibrationResult:
 
 
 # ------------------------------------------------------------------------------------------------
-# Statistics collectors for algorithms (usable as ``extra_stats_hooks``)
-# ------------------------------------------------------------------------------------------------
-
-
-class ChannelAbsMax:
-    """Running per-input-channel ``max |x|`` of each module's input (SmoothQuant's statistic).
-
-    Example:
-        >>> stats = ChannelAbsMax()
-        >>> stats("mlp.up_proj", torch.tensor([[1.0, -3.0], [-2.0, 0.5]]), 0)
-        >>> stats.values["mlp.up_proj"]
-        tensor([2., 3.])
-    """
-
-    def __init__(self, names: Optional[Sequence[str]] = None) -> None:
-        self.names = None if names is None else set(names)
-        self.values: Dict[str, torch.Tensor] = {}
-
-    def __call__(self, name: str, x: torch.Tensor, batch_index: int) -> None:
-        if self.names is not None and name not in self.names:
-            return
-        amax = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
-        previous = self.values.get(name)
-        self.values[name] = amax if previous is None else torch.maximum(previous, amax)
-
-
-class HessianAccumulator:
-    """Running ``H = 2/N · Σ x xᵀ`` over the ``N`` input tokens of each module (GPTQ's Hessian).
-
-    Accumulated in float32, ``[in_features, in_features]`` per module. GPTQ is invariant to the
-    overall scale of ``H`` (its damping is relative to ``mean(diag(H))``).
-
-    Example:
-        >>> acc = HessianAccumulator()
-        >>> acc("fc", torch.tensor([[1.0, 0.0], [0.0, 2.0]]), 0)
-        >>> acc.hessian("fc")
-        tensor([[1., 0.],
-                [0., 4.]])
-    """
-
-    def __init__(self, names: Optional[Sequence[str]] = None) -> None:
-        self.names = None if names is None else set(names)
-        self.sums: Dict[str, torch.Tensor] = {}
-        self.counts: Dict[str, int] = {}
-
-    def __call__(self, name: str, x: torch.Tensor, batch_index: int) -> None:
-        if self.names is not None and name not in self.names:
-            return
-        x2 = x.detach().reshape(-1, x.shape[-1]).float()
-        self._add(name, x2, x2)
-
-    def _add(self, name: str, left: torch.Tensor, right: torch.Tensor) -> None:
-        """Add ``leftᵀ right`` (``[tokens, in]`` each) to ``name``'s running sum, in float32."""
-        # the hooks fire inside the calibration forwards, which may run under bfloat16 autocast: a
-        # bfloat16 Gram matrix is not positive semi-definite to working precision (GPTQ's Cholesky then
-        # fails at the requested dampening and retries with 10-1000x more), so this product stays float32
-        with torch.autocast(device_type=left.device.type, enabled=False):
-            product = left.t() @ right
-        if name in self.sums:
-            self.sums[name] += product
-        else:
-            self.sums[name] = product
-        self.counts[name] = self.counts.get(name, 0) + left.shape[0]
-
-    def hessian(self, name: str) -> torch.Tensor:
-        """``2/N · Σ x xᵀ`` of ``name``'s inputs (float32)."""
-        if name not in self.sums:
-            raise CalibrationError(f"No input was recorded for {name!r}; its Hessian cannot be computed.")
-        return self.sums[name] * (2.0 / max(1, self.counts[name]))
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.sums.values())
-
-
-class CrossAccumulator(HessianAccumulator):
-    """Running ``C = 2/N · Σ x_q x_fᵀ`` pairing each module input with the float model's (GPTAQ targets).
-
-    ``targets[batch_index][name]`` holds the float model's input of ``name`` for that calibration
-    batch (captured beforehand, same token positions); each call with the quantized model's input
-    ``x_q`` adds ``x_qᵀ x_f``. Accumulated in float32, ``[in_features, in_features]`` per module.
-
-    Example:
-        >>> acc = CrossAccumulator(["fc"], [{"fc": torch.tensor([[1.0, 2.0]])}])
-        >>> acc("fc", torch.tensor([[3.0, 0.0]]), 0)
-        >>> acc.cross("fc")
-        tensor([[6., 12.],
-                [0., 0.]])
-    """
-
-    def __init__(self, names: Sequence[str], targets: Sequence[Mapping[str, torch.Tensor]]) -> None:
-        super().__init__(names)
-        self.targets = targets
-
-    def __call__(self, name: str, x: torch.Tensor, batch_index: int) -> None:
-        if name not in self.names:
-            return
-        xq = x.detach().reshape(-1, x.shape[-1]).float()
-        xf = self.targets[batch_index].get(name) if batch_index < len(self.targets) else None
-        if xf is None:
-            raise CalibrationError(f"gptq.float_targets: {name!r} ran in the quantized model but not in the float one "
-                                   f"in calibration batch {batch_index} (data-dependent routing?); set "
-                                   "gptq.float_targets=False for this model.")
-        xf = xf.to(xq.device)
-        if xf.shape != xq.shape:
-            raise CalibrationError(f"gptq.float_targets: the float model's input of {name!r} has shape "
-                                   f"{tuple(xf.shape)}, the quantized model's {tuple(xq.shape)}.")
-        self._add(name, xq, xf)
-
-    def cross(self, name: str) -> torch.Tensor:
-        """``2/N · Σ x_q x_fᵀ`` of ``name`` (float32), normalised like :meth:`HessianAccumulator.hessian`."""
-        if name not in self.sums:
-            raise CalibrationError(f"No input was recorded for {name!r}; its float-target correction cannot be computed.")
-        return self.sums[name] * (2.0 / max(1, self.counts[name]))
-
-
-class _InputCapture:
-    """Stores each module's input (float32, ``[tokens, in]``) of the current batch: the float targets."""
-
-    def __init__(self, names: Sequence[str]) -> None:
-        self.names = set(names)
-        self.batches: List[Dict[str, torch.Tensor]] = []
-
-    def __call__(self, name: str, x: torch.Tensor, batch_index: int) -> None:
-        if name not in self.names:
-            return
-        while len(self.batches) <= batch_index:
-            self.batches.append({})
-        self.batches[batch_index][name] = x.detach().reshape(-1, x.shape[-1]).float().clone()
-
-
-# ------------------------------------------------------------------------------------------------
 # Model structure
 # ------------------------------------------------------------------------------------------------
-
-
-def _get(model: nn.Module, name: str) -> Optional[nn.Module]:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
-
-
-def _count_linears(module: nn.Module) -> int:
-    return sum(1 for m in module.modules() if is_quantizable_linear(m))
-
-
-def find_decoder_layers(model: nn.Module) -> Optional[Tuple[str, nn.ModuleList]]:
-    """Locate the stack of decoder (or encoder) layers: ``(name, ModuleList)``, or ``None``.
-
-    Known attribute paths are tried first (``model.layers`` for Llama/Gemma/Qwen/Mistral,
-    ``transformer.h`` for GPT-2, ``gpt_neox.layers``, ``model.decoder.layers`` for OPT,
-    ``bert.encoder.layer``...); otherwise the ``nn.ModuleList`` of identical blocks holding the
-    most linear layers is taken. ``None`` means no such stack exists: calibration then runs whole
-    forwards instead of layer by layer.
-
-    Example:
-        >>> name, layers = find_decoder_layers(llama_model)  # doctest: +SKIP
-        >>> name, len(layers)  # doctest: +SKIP
-        ('model.layers', 32)
-    """
-    for path in _DECODER_LAYER_PATHS:
-        candidate = _get(model, path)
-        if isinstance(candidate, nn.ModuleList) and len(candidate) > 0 and _count_linears(candidate) > 0:
-            return path, candidate
-    best: Optional[Tuple[int, int, str, nn.ModuleList]] = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0 or not name:
-            continue
-        if len({type(child) for child in module}) != 1:
-            continue
-        n_linear = _count_linears(module)
-        if n_linear == 0:
-            continue
-        key = (n_linear, -name.count("."))
-        if best is None or key > best[:2]:
-            best = (n_linear, -name.count("."), name, module)
-    if best is None:
-        return None
-    return best[2], best[3]
 
 
 def _split_hidden(args: tuple, kwargs: dict) -> Tuple[Optional[torch.Tensor], tuple, dict]:
@@ -410,12 +225,6 @@ class _PassThrough(nn.Module):
         if self.recorder is not None:
             self.recorder(hidden, rest, kw)
         return _format_like(self.template, hidden if self.inject is None else self.inject)
-
-
-def _weight_out_in(module: nn.Module) -> torch.Tensor:
-    """Weight as ``[out, in]`` (GPT-2 ``Conv1D`` stores ``[in, out]``)."""
-    weight = module.weight
-    return weight.t() if type(module).__name__ == "Conv1D" else weight
 
 
 def _forward_accepts(model: nn.Module, name: str) -> bool:
@@ -710,33 +519,42 @@ class _Slot:
 
 
 class _Engine:
+    """The sequential calibration run: passes, memory, commit-on-success; algorithms are ``steps``.
+
+    Steps (:class:`hfptq.algorithms.base.CalibrationStep`) reach the run through ``model``,
+    ``plan``, ``config``, ``slots``, ``steps``, the result dicts ``weights`` / ``weight_qparams`` /
+    ``plan_updates``, and the passes :meth:`layer_pass`, :meth:`tail_pass`,
+    :meth:`forward_first_batch`.
+    """
+
     def __init__(self, model: nn.Module, plan: Plan, config: HfPtqConfig, batches: torch.Tensor, progress: bool,
-                 extra_stats_hooks: Sequence[StatsHook]) -> None:
-        self.model = model
-        self.plan = plan
-        self.config = config
-        self.batches = batches
-        self.progress = progress
+                 extra_stats_hooks: Sequence[StatsHook], steps: Sequence[CalibrationStep]) -> None:
+        self.model, self.plan, self.config, self.batches, self.progress = model, plan, config, batches, progress
         self.extra_stats_hooks = list(extra_stats_hooks)
+        self.steps = list(steps)
         calib = config.calibration or {}
         self.batch_size = int(calib.get("batch_size") or 8)
-        self.num_samples, self.seq_len = 0, 0
-        self.slices: List[Tuple[int, int]] = []
         self.sequential = bool(calib.get("sequential", True))
         self.input_device = _input_device(model)
         self.autocast_dtype = resolve_calibration_dtype(str(calib.get("dtype") or "auto"), _model_dtype(model),
                                                         self.input_device)
+        self.num_samples, self.seq_len = 0, 0
+        self.slices: List[Tuple[int, int]] = []
+        self.slots: Dict[str, _Slot] = {}
+        self.layers: Optional[Tuple[str, nn.ModuleList]] = None
         self.batch_index = 0
         self.bar: Optional[tqdm] = None
-        self.smoothquant = None
-        self.gptq = None
-        self.gptq_options: Dict[str, Any] = {}  # validated HfPtqConfig.gptq (empty without GPTQ)
-        self.info_sq: Dict[str, Any] = {}
-        self.info_gptq: Dict[str, Any] = {}
+        # the layer stack's captured inputs: hidden-state cache, recorded calls per batch size, output templates
+        self.cache: Optional[torch.Tensor] = None
+        self.calls: Dict[int, Dict[int, Tuple[tuple, dict]]] = {}
+        self.templates: Dict[int, Dict[int, Any]] = {}
+        self.order: List[int] = []
+        self.last_needed, self.tail_needed = -1, False
+        # results; changes to the model wait in ``pending`` until everything succeeded
         self.weights: Dict[str, torch.Tensor] = {}
         self.weight_qparams: Dict[str, tuple] = {}
         self.pending: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (model tensor, new value)
-        self.smoothed: Dict[str, nn.Module] = {}  # planned linears whose weight SmoothQuant changed
+        self.smoothed: Dict[str, nn.Module] = {}  # planned linears whose weight a step changed
         self.plan_updates: List[Tuple[Any, Any]] = []  # (embedding entry tied to a smoothed head, 1 / s)
 
     # -------------------------------------------------------------------- validation
@@ -763,12 +581,10 @@ class _Engine:
             raise ConfigError(f"calibration.batch_size must be a positive integer (got {self.batch_size}).")
         self.num_samples, self.seq_len = int(b.shape[0]), int(b.shape[1])
         self.slices = [(s, min(s + self.batch_size, self.num_samples)) for s in range(0, self.num_samples, self.batch_size)]
-
-        self.slots: Dict[str, _Slot] = {}
         for entry in self.plan:
             if not _is_static(entry):
                 continue
-            module = _get(self.model, entry.name)
+            module = find_module(self.model, entry.name)
             if module is None or not is_quantizable_linear(module):
                 raise CalibrationError(
                     f"The plan names {entry.name!r} ({entry.module_class}) but the model has no float Linear there; "
@@ -782,33 +598,20 @@ class _Engine:
                     "Use activations granularity='tensor' (or mode='dynamic' for per-token scales)."
                 )
             self.slots[entry.name] = _Slot(entry, settings, _build_observer(entry, settings))
-
-        self.gptq_names = [e.name for e in self.plan if e.quantized and e.kind != "embedding"] if self.config.gptq is not None else []
-        if self.config.smoothquant is not None:
-            self.smoothquant = _load_algorithm("smoothquant", "smooth_layer")
-        if self.config.gptq is not None:
-            from .algorithms import validate_options
-
-            self.gptq_options = validate_options("gptq", self.config.gptq)
-            self.gptq = _load_algorithm("gptq", "gptq_quantize")
-            for name in self.gptq_names:
-                module = _get(self.model, name)
-                if module is None or not is_quantizable_linear(module):
-                    raise CalibrationError(f"GPTQ: the plan names {name!r} but the model has no float Linear there.")
-        self.algorithms = self.smoothquant is not None or self.gptq is not None
-
+        for step in self.steps:
+            step.validate(self)
         self.layers = find_decoder_layers(self.model) if self.sequential else None
-        if self.layers is None and self.algorithms:
+        if self.layers is None and self.steps:
             raise ConfigError(
                 "SmoothQuant/GPTQ calibrate one decoder layer at a time, but "
                 + ("calibration.sequential=False." if not self.sequential else
                    f"no decoder-layer stack was found in {type(self.model).__name__}.")
                 + " Set calibration.sequential=True (and use a model with a layer stack) or disable smoothquant/gptq."
             )
-        if not self.slots and not self.gptq_names and not self.smoothquant and not self.extra_stats_hooks:
+        if not self.slots and not self.steps and not self.extra_stats_hooks:
             logger.info("hfptq calibration: no module needs calibration statistics; nothing to do.")
 
-    # -------------------------------------------------------------------- helpers
+    # -------------------------------------------------------------------- forwards and hooks
     def _ids(self, start: int, end: int) -> torch.Tensor:
         return self.batches[start:end].to(device=self.input_device, dtype=torch.long)
 
@@ -818,7 +621,7 @@ class _Engine:
             return f"{str(self.autocast_dtype).replace('torch.', '')} (autocast)"
         return str(_model_dtype(self.model)).replace("torch.", "")
 
-    def _compute(self):
+    def compute(self):
         """Context of every calibration forward: bfloat16 autocast when ``calibration.dtype`` asks for it."""
         if self.autocast_dtype is None:
             return nullcontext()
@@ -829,7 +632,7 @@ class _Engine:
         if _forward_accepts(self.model, "use_cache"):
             kwargs["use_cache"] = False
         try:
-            with self._compute():
+            with self.compute():
                 self.model(**kwargs)
         except _StopForward:
             pass
@@ -895,6 +698,83 @@ class _Engine:
         logger.info(message)
         if self.progress:
             tqdm.write(message)
+
+    # -------------------------------------------------------------------- passes (also used by the steps)
+    def layer_pass(self, layer: LayerWork, *, write: bool, modules: Mapping[str, nn.Module] = {},
+                   consumers: Sequence[StatsHook] = (), observe: bool = False, stop_after: Optional[nn.Module] = None,
+                   module: Optional[nn.Module] = None, cache: Optional[torch.Tensor] = None) -> None:
+        """Run ``module`` (default ``layer.work``) over every calibration batch of ``cache`` (default: the
+        quantized stream) with pre-hooks on ``modules`` feeding ``consumers`` (and the observers when
+        ``observe``), writing the outputs back when ``write``; ``stop_after`` ends each batch at that module."""
+        name, index = layer.name, layer.index
+        module = layer.work if module is None else module
+        cache = self.cache if cache is None else cache
+        device = _module_device(module, self.input_device)
+        with torch.inference_mode(), self._hooks(modules, consumers, observe, stop_after):
+            for b, (start, end) in enumerate(self.slices):
+                self.batch_index = b
+                rest, kwargs = self.calls[end - start][index]
+                hidden = cache[start:end].to(device)
+                try:
+                    with self.compute():
+                        out = _hidden_of(module(hidden, *rest, **kwargs))
+                except _StopForward:
+                    self._tick(layer.desc)
+                    continue
+                if not bool(torch.isfinite(out).all()):
+                    raise CalibrationError(
+                        f"Decoder layer {name} produced NaN/Inf in calibration batch {b} (samples {start}-{end - 1}). "
+                        "Likely causes: float16 overflow (load the model in float32 or bfloat16) or NaN/Inf in the "
+                        "layer's weights. Nothing was applied to the model."
+                    )
+                if write:
+                    if out.shape != hidden.shape:
+                        raise CalibrationError(
+                            f"Decoder layer {name} changes the hidden-state shape ({tuple(hidden.shape)} -> "
+                            f"{tuple(out.shape)}); calibrate this architecture with calibration.sequential=False."
+                        )
+                    cache[start:end].copy_(out)
+                self._tick(layer.desc)
+
+    def forward_first_batch(self, layer: LayerWork, module: Optional[nn.Module] = None) -> None:
+        """One forward of ``module`` (default ``layer.work``) on the first calibration batch (for probes)."""
+        module = layer.work if module is None else module
+        start, end = self.slices[0]
+        rest, kwargs = self.calls[end - start][layer.index]
+        with torch.inference_mode(), self.compute():
+            module(self.cache[start:end].to(_module_device(module, self.input_device)), *rest, **kwargs)
+
+    def tail_pass(self, modules: Mapping[str, nn.Module], consumers: Sequence[StatsHook], observe: bool,
+                  extra_hooks: Sequence[Tuple[nn.Module, Callable]] = ()) -> None:
+        """Run the planned modules after the layer stack on the cached last-layer outputs: the layers are
+        replaced by pass-through stubs, the last one returning the cache (the logits are never computed)."""
+        name, layers = self.layers
+        out_emb = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        originals = {i: layers[i] for i in self.order}
+        last = self.order[-1]
+        handles = []
+        try:
+            for module, hook in extra_hooks:
+                handles.append(module.register_forward_hook(hook))
+            for b, (start, end) in enumerate(self.slices):
+                self.batch_index = b
+                templates = self.templates[end - start]
+                stubs = {i: _PassThrough(templates[i], originals[i]) for i in self.order}
+                stubs[last].inject = self.cache[start:end].to(_module_device(originals[last], self.input_device))
+                for i, stub in stubs.items():
+                    layers[i] = stub
+                try:
+                    with torch.inference_mode(), self._hooks(modules, consumers, observe=observe, stop_after=out_emb):
+                        self._run_model(self._ids(start, end))
+                finally:
+                    for i, module in originals.items():
+                        layers[i] = module
+                self._tick("hfptq: calibrating outside the layers")
+        finally:
+            for handle in handles:
+                handle.remove()
+            for i, module in originals.items():
+                layers[i] = module
 
     # -------------------------------------------------------------------- sequential: capture
     def _probe(self, ids: torch.Tensor, size: int, real: bool) -> Optional[Tuple[torch.Tensor, dict, dict, list]]:
@@ -987,11 +867,7 @@ class _Engine:
         Returns False when the layer stack is not a simple chain (fall back to whole-model mode).
         """
         name, layers = self.layers
-        self.calls: Dict[int, Dict[int, Tuple[tuple, dict]]] = {}
-        self.templates: Dict[int, Dict[int, Any]] = {}
-        self.order: Optional[List[int]] = None
-        self.cache: Optional[torch.Tensor] = None
-        self.float_cache: Optional[torch.Tensor] = None  # gptq.float_targets: the float model's stream
+        self.calls, self.templates, self.order, self.cache = {}, {}, [], None
         real_probe = False
         for b, (start, end) in enumerate(self.slices):
             self.batch_index = b
@@ -1005,7 +881,7 @@ class _Engine:
                 if probed is None:
                     return False
                 first, calls, templates, order = probed
-                if self.order is None:
+                if not self.order:
                     self.order = order
                 elif order != self.order:
                     return False
@@ -1042,195 +918,80 @@ class _Engine:
         return True
 
     # -------------------------------------------------------------------- sequential: layers
-    def _layer_pass(self, index: int, layer: nn.Module, write: bool, desc: str,
-                    cache: Optional[torch.Tensor] = None) -> None:
-        """Run decoder layer ``index`` over every calibration batch of ``cache`` (default: the
-        quantized stream), writing the outputs back when ``write``; a hook raising ``_StopForward``
-        ends a batch early (the passes that only need the inputs of the first modules)."""
-        name, _ = self.layers
-        cache = self.cache if cache is None else cache
-        device = _module_device(layer, self.input_device)
-        for b, (start, end) in enumerate(self.slices):
-            self.batch_index = b
-            rest, kwargs = self.calls[end - start][index]
-            hidden = cache[start:end].to(device)
-            try:
-                with self._compute():
-                    out = _hidden_of(layer(hidden, *rest, **kwargs))
-            except _StopForward:
-                self._tick(desc)
-                continue
-            if not bool(torch.isfinite(out).all()):
-                raise CalibrationError(
-                    f"Decoder layer {name}.{index} produced NaN/Inf in calibration batch {b} (samples {start}-{end - 1}). "
-                    "Likely causes: float16 overflow (load the model in float32 or bfloat16) or NaN/Inf in the layer's "
-                    "weights. Nothing was applied to the model."
-                )
-            if write:
-                if out.shape != hidden.shape:
-                    raise CalibrationError(
-                        f"Decoder layer {name}.{index} changes the hidden-state shape ({tuple(hidden.shape)} -> "
-                        f"{tuple(out.shape)}); calibrate this architecture with calibration.sequential=False."
-                    )
-                cache[start:end].copy_(out)
-            self._tick(desc)
-
-    def _call_groups(self, index: int, layer: nn.Module, names: Sequence[str],
-                     modules: Mapping[str, nn.Module]) -> List[List[str]]:
-        """``names`` grouped by shared input, in call order (q/k/v, o, gate/up, down), from one batch.
-
-        Modules called with the same input tensor (before any rotation hook) form one group; a
-        module never called in the probe batch goes last, alone.
-        """
-        order: Dict[str, int] = {}  # module -> identity of its first input, in call order
-        handles = []
-
-        def hook(mod, args, kwargs, _name):
-            x = args[0] if args else next(iter(kwargs.values()))
-            order.setdefault(_name, x.data_ptr() if isinstance(x, torch.Tensor) else id(x))
-
-        try:
-            for n in names:
-                handles.append(modules[n].register_forward_pre_hook(
-                    lambda mod, args, kwargs, _n=n: hook(mod, args, kwargs, _n), with_kwargs=True, prepend=True))
-            start, end = self.slices[0]
-            rest, kwargs = self.calls[end - start][index]
-            with torch.inference_mode(), self._compute():
-                layer(self.cache[start:end].to(_module_device(layer, self.input_device)), *rest, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-        groups: List[List[str]] = []
-        last = None
-        for n, key in order.items():
-            if groups and key == last:
-                groups[-1].append(n)
-            else:
-                groups.append([n])
-            last = key
-        groups += [[n] for n in names if n not in order]
-        return groups
+    def _plan_work(self) -> None:
+        """Which layers must run (``last_needed``) and whether the tail pass is needed."""
+        inside = f"{self.layers[0]}."
+        self.tail_needed = bool(any(not n.startswith(inside) for n in self.slots) or self._extra_tail()
+                                or any(step.tail_needed(self) for step in self.steps))
+        self.last_needed = len(self.order) - 1
+        if self.tail_needed or self.extra_stats_hooks or any(step.needs_every_layer for step in self.steps):
+            return
+        busy = list(self.slots) + [n for step in self.steps for n in step.module_names(self)]
+        self.last_needed = -1
+        for position, index in enumerate(self.order):
+            if any(n.startswith(f"{self.layers[0]}.{index}.") for n in busy):
+                self.last_needed = position
 
     def _run_layers(self) -> None:
         name, layers = self.layers
-        if self.gptq_options.get("float_targets"):
-            self.float_cache = self.cache.clone()  # the float model's hidden states (GPTAQ targets)
+        for step in self.steps:
+            step.start_layers(self)
         linear_entries = [e for e in self.plan if e.kind != "embedding" and e.precision != "skip"]
-        total = len(self.order)
         for position, index in enumerate(self.order):
             if position > self.last_needed:
                 break  # later layers feed no observer, algorithm or tail module
             layer = layers[index]
             prefix = f"{name}.{index}."
-            desc = f"hfptq: calibrating layer {position + 1}/{total}"
-            entries = [e for e in linear_entries if e.name.startswith(prefix)]
-            if self.algorithms:
+            if self.steps:  # steps change a working copy, committed only when everything succeeded
                 with torch.no_grad():
                     work = copy.deepcopy(layer)
             else:
                 work = layer
-            modules = {e.name: work.get_submodule(e.name[len(prefix):]) for e in entries}
-            all_linears = {f"{prefix}{rel}": m for rel, m in work.named_modules() if rel and is_quantizable_linear(m)}
-            if self.smoothquant is not None:
-                absmax = ChannelAbsMax()
-                stats_hooks: List[StatsHook] = [absmax]
-                sampler = None
-                if dict(self.config.smoothquant).get("alpha") == "search":
-                    # the alpha search scores each candidate on a sample of the layer's real input rows
-                    from .algorithms import validate_options
-                    from .algorithms.smoothquant import InputSampler
-
-                    sampler = InputSampler(validate_options("smoothquant", self.config.smoothquant)["search_tokens"])
-                    stats_hooks.append(sampler)
-                with torch.inference_mode(), self._hooks(all_linears, stats_hooks, observe=False):
-                    self._layer_pass(index, work, write=False, desc=desc)
-                with torch.no_grad():
-                    stats = {k: v.clone() for k, v in absmax.values.items()}
-                    observers = {e.name: observer_settings(e, self.config) for e in entries if _is_static(e)}
-                    info = self.smoothquant(work, f"{name}.{index}", self.plan, stats, dict(self.config.smoothquant),
-                                            getattr(self.model, "config", None),
-                                            inputs=None if sampler is None else sampler.samples(), observers=observers)
-                self.info_sq[f"{name}.{index}"] = info
+            lw = LayerWork(index, f"{name}.{index}", layer, work,
+                           modules={e.name: work.get_submodule(e.name[len(prefix):])
+                                    for e in linear_entries if e.name.startswith(prefix)},
+                           all_linears={f"{prefix}{rel}": m for rel, m in work.named_modules()
+                                        if rel and is_quantizable_linear(m)},
+                           desc=f"hfptq: calibrating layer {position + 1}/{len(self.order)}")
+            for step in self.steps:
+                step.before_observe(self, lw)
+            # the observing pass: observers of the static modules, extra hooks, the steps' statistics
             consumers: List[StatsHook] = list(self.extra_stats_hooks)
-            gptq_here = [n for n in self.gptq_names if n.startswith(prefix)]
-            opts = self.gptq_options
-            targets = None
-            if opts.get("float_targets"):
-                # the float layer (smoothed, not yet rounded) on the float stream: its module inputs are
-                # the GPTAQ targets, its outputs the next layer's float input
-                capture = _InputCapture(gptq_here)
-                with torch.no_grad():
-                    reference = copy.deepcopy(work)
-                with torch.inference_mode(), self._hooks(
-                        {n: reference.get_submodule(n[len(prefix):]) for n in gptq_here}, [capture], observe=False):
-                    self._layer_pass(index, reference, write=True, desc=desc, cache=self.float_cache)
-                del reference
-                targets = capture.batches
-            groups = self._call_groups(index, work, gptq_here, modules) if gptq_here and opts.get("true_sequential") \
-                else [gptq_here]
-            for g, group in enumerate(groups):
-                first = g == 0
-                hessians = HessianAccumulator(group) if group else None
-                cross = CrossAccumulator(group, targets) if group and targets is not None else None
-                hooked = modules if first else {n: modules[n] for n in group}
-                stop = None
-                if len(groups) > 1 and (not first or not (consumers or any(n in self.slots for n in modules))):
-                    stop = modules[group[-1]]  # only the group's inputs are needed: end the batch there
-                with torch.inference_mode(), self._hooks(
-                        hooked, (consumers if first else []) + [c for c in (hessians, cross) if c is not None],
-                        observe=first, stop_after=stop):
-                    self._layer_pass(index, work, write=not gptq_here, desc=desc)
-                for module_name in group:
-                    self._gptq_module(module_name, modules[module_name], hessians, cross)
-                del hessians, cross
-            if gptq_here:
-                with torch.inference_mode():
-                    self._layer_pass(index, work, write=True, desc=desc)
-            if self.algorithms:
+            stops = []
+            for step in self.steps:
+                hooks, stop = step.observe_hooks(self, lw)
+                consumers += hooks
+                stops += [stop] if stop is not None else []
+            others_need_all = self.extra_stats_hooks or any(n in self.slots for n in lw.modules)
+            stop_after = stops[0] if len(stops) == 1 and not others_need_all else None
+            rewrites = any([step.rewrites_outputs(self, lw) for step in self.steps])
+            self.layer_pass(lw, write=not rewrites, modules=lw.modules, consumers=consumers, observe=True,
+                            stop_after=stop_after)
+            for step in self.steps:
+                step.after_observe(self, lw)
+            if rewrites:  # the next layer's inputs come from the changed layer
+                self.layer_pass(lw, write=True)
+            if self.steps:
                 self._record_changes(layer, work, prefix)
-                del work
-
-    def _gptq_module(self, name: str, module: nn.Module, hessians: HessianAccumulator,
-                     cross: Optional[CrossAccumulator] = None) -> None:
-        entry = self.plan[name]
-        shift = None
-        with torch.no_grad():
-            hessian = hessians.hessian(name).clone()
-            weight = _weight_out_in(module).detach().float().clone()
-            if cross is not None:
-                from .algorithms.gptq import float_target_weight
-
-                opts = self.gptq_options
-                weight, fit = float_target_weight(weight, hessian, cross.cross(name), opts["damp"], opts["max_damp_retries"])
-                shift = fit["shift"]
-            out = self.gptq(weight, hessian, dict(entry.weights), **dict(self.config.gptq))
-            if shift is not None and getattr(out, "info", None) is not None:
-                out.info["float_target_shift"] = shift
-            new = out.weight.detach()
-            if tuple(new.shape) != tuple(weight.shape):
-                raise CalibrationError(f"GPTQ returned a weight of shape {tuple(new.shape)} for {name!r} "
-                                       f"(expected {tuple(weight.shape)}).")
-            target = module.weight
-            target.copy_((new.t() if type(module).__name__ == "Conv1D" else new).to(target.dtype))
-        self.weights[name] = new
-        self.weight_qparams[name] = (out.scale, out.zero_point)
-        self.info_gptq[name] = getattr(out, "info", None)
+                del work, lw
+        for step in self.steps:
+            step.end_layers(self)
 
     def _record_changes(self, layer: nn.Module, work: nn.Module, prefix: str) -> None:
-        """Remember the tensors SmoothQuant/GPTQ changed in ``work``; written to ``layer`` after success.
+        """Remember the tensors the steps changed in ``work``; written to ``layer`` after success.
 
-        GPTQ weights are not written back (``result.weights`` carries them, in float32, to the
-        conversion); everything else that changed (smoothed norms and linears) is.
+        Weights a step hands over in ``weights`` (GPTQ's, in float32) are not written back;
+        everything else that changed (smoothed norms and linears) is.
         """
         original = dict(layer.named_parameters())
         original.update(dict(layer.named_buffers()))
         changed = dict(work.named_parameters())
         changed.update(dict(work.named_buffers()))
-        gptq_weights = {f"{n[len(prefix):]}.weight" for n in self.weights if n.startswith(prefix)}
+        handed_over = {f"{n[len(prefix):]}.weight" for n in self.weights if n.startswith(prefix)}
         with torch.no_grad():
             for rel, new in changed.items():
                 old = original.get(rel)
-                if old is None or old.shape != new.shape or rel in gptq_weights:
+                if old is None or old.shape != new.shape or rel in handed_over:
                     continue
                 if not torch.equal(old, new):
                     self.pending.append((old, new.detach()))
@@ -1242,192 +1003,49 @@ class _Engine:
                         self.smoothed[full] = layer.get_submodule(module_rel)
 
     # -------------------------------------------------------------------- sequential: tail
-    def _tail_modules(self) -> Tuple[Dict[str, _Slot], List[str], Dict[str, nn.Module]]:
-        """Planned modules outside the layer stack: static ones, GPTQ ones, and all (for extra hooks)."""
+    def _extra_tail(self) -> Dict[str, nn.Module]:
+        """Planned linears outside the layer stack, for ``extra_stats_hooks``."""
+        if not self.extra_stats_hooks:
+            return {}
         inside = f"{self.layers[0]}."
-        slots = {n: s for n, s in self.slots.items() if not n.startswith(inside)}
-        gptq_tail = [n for n in self.gptq_names if not n.startswith(inside)]
-        extra_tail: Dict[str, nn.Module] = {}
-        if self.extra_stats_hooks:
-            extra_tail = {e.name: self.model.get_submodule(e.name) for e in self.plan
-                          if e.kind != "embedding" and e.precision != "skip" and not e.name.startswith(inside)}
-        return slots, gptq_tail, extra_tail
-
-    def _plan_work(self) -> None:
-        """Which layers must run (``last_needed``) and whether the tail pass is needed."""
-        slots, gptq_tail, extra_tail = self._tail_modules()
-        self.tail_needed = bool(slots or gptq_tail or extra_tail or self._head_smoothing_target() is not None)
-        name, _ = self.layers
-        self.last_needed = len(self.order) - 1
-        if self.tail_needed or self.smoothquant is not None or self.extra_stats_hooks:
-            return
-        busy = list(self.slots) + list(self.gptq_names)
-        self.last_needed = -1
-        for position, index in enumerate(self.order):
-            prefix = f"{name}.{index}."
-            if any(n.startswith(prefix) for n in busy):
-                self.last_needed = position
-
-    def _head_smoothing_target(self) -> Optional[Tuple[str, nn.Module, str, nn.Module]]:
-        """``(head name, head, norm name, norm)`` when SmoothQuant should smooth final norm -> LM head."""
-        if self.smoothquant is None:
-            return None
-        module = importlib.import_module("hfptq.algorithms.smoothquant")
-        if not all(hasattr(module, f) for f in ("smooth_head", "InputSampler", "groups_for")):
-            return None  # an algorithms module without the head group (a stand-in in tests, an older plugin)
-        from .algorithms import validate_options
-
-        groups = validate_options("smoothquant", self.config.smoothquant)["groups"]
-        if groups is not None and "head" not in groups:
-            return None
-        entry = next((e for e in self.plan if e.kind == "lm_head"), None)
-        if entry is None or not entry.quantized or (entry.activations or {}).get("mode", "none") == "none":
-            return None
-        head = _get(self.model, entry.name)
-        if head is None or not is_quantizable_linear(head):
-            return None
-        parent_name = self.layers[0].rpartition(".")[0]
-        parent = _get(self.model, parent_name) if parent_name else self.model
-        for attr in ("norm", "final_layernorm", "ln_f", "final_norm", "norm_f"):
-            norm = getattr(parent, attr, None) if parent is not None else None
-            if isinstance(norm, nn.Module) and isinstance(getattr(norm, "weight", None), torch.Tensor):
-                return entry.name, head, f"{parent_name}.{attr}" if parent_name else attr, norm
-        return None
-
-    def _tail_pass(self, modules: Mapping[str, nn.Module], consumers: Sequence[StatsHook], observe: bool,
-                   extra_hooks: Sequence[Tuple[nn.Module, Callable]] = ()) -> None:
-        """Run the planned modules after the layer stack on the cached last-layer outputs."""
-        name, layers = self.layers
-        out_emb = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        originals = {i: layers[i] for i in self.order}
-        last = self.order[-1]
-        handles = []
-        try:
-            for module, hook in extra_hooks:
-                handles.append(module.register_forward_hook(hook))
-            for b, (start, end) in enumerate(self.slices):
-                self.batch_index = b
-                templates = self.templates[end - start]
-                stubs = {i: _PassThrough(templates[i], originals[i]) for i in self.order}
-                stubs[last].inject = self.cache[start:end].to(_module_device(originals[last], self.input_device))
-                for i, stub in stubs.items():
-                    layers[i] = stub
-                try:
-                    with torch.inference_mode(), self._hooks(modules, consumers, observe=observe, stop_after=out_emb):
-                        self._run_model(self._ids(start, end))
-                finally:
-                    for i, module in originals.items():
-                        layers[i] = module
-                self._tick("hfptq: calibrating outside the layers")
-        finally:
-            for handle in handles:
-                handle.remove()
-            for i, module in originals.items():
-                layers[i] = module
-
-    def _smooth_head(self, target: Tuple[str, nn.Module, str, nn.Module]) -> Optional[nn.Module]:
-        """SmoothQuant final norm -> LM head; returns the folded copy of the norm (``None`` if skipped)."""
-        from .algorithms import validate_options
-
-        module = importlib.import_module("hfptq.algorithms.smoothquant")
-        InputSampler, groups_for, smooth_head = module.InputSampler, module.groups_for, module.smooth_head
-        head_name, head, norm_name, norm = target
-        opts = validate_options("smoothquant", self.config.smoothquant)
-        absmax = ChannelAbsMax()
-        hooks: List[StatsHook] = [absmax]
-        sampler = InputSampler(opts["search_tokens"]) if opts["alpha"] == "search" else None
-        if sampler is not None:
-            hooks.append(sampler)
-        seen = {"norm_out": None, "feeds_head": True}
-
-        def norm_out(_module, _args, output):
-            seen["norm_out"] = output if isinstance(output, torch.Tensor) else None
-
-        def check(name, x, _batch):
-            ref = seen["norm_out"]
-            if ref is None or ref.shape[-1] != x.shape[-1] or not torch.equal(ref.reshape(-1, ref.shape[-1]), x):
-                seen["feeds_head"] = False
-            seen["norm_out"] = None
-
-        self._tail_pass({head_name: head}, [check, *hooks], observe=False, extra_hooks=[(norm, norm_out)])
-        record: Dict[str, Any] = {"group": "head", "prev": norm_name, "consumers": [head_name]}
-        weight = None
-        work = copy.deepcopy(norm)
-        if not seen["feeds_head"]:
-            record.update(status="skipped", reason=f"{norm_name}'s output is not exactly {head_name}'s input")
-        elif head_name not in absmax.values:
-            record.update(status="skipped", reason=f"{head_name} received no input")
-        else:
-            model_type = getattr(getattr(self.model, "config", None), "model_type", "") or ""
-            offset = next((g.norm_offset for g in groups_for(model_type) if g.prev.endswith("norm")), 0.0)
-            with torch.no_grad():
-                weight, scales, record = smooth_head(
-                    work, head, self.plan[head_name], absmax.values[head_name], opts, norm_offset=offset,
-                    inputs=None if sampler is None else sampler.samples().get(head_name), names=(norm_name, head_name),
-                    tied=any(e.tied_to == head_name for e in self.plan), gptq=head_name in self.gptq_names)
-        self.info_sq[f"{norm_name} -> {head_name}"] = {"layer": norm_name, "groups": [record]}
-        if weight is None:
-            return None
-        self.weights[head_name] = weight
-        tied = [e for e in self.plan if e.tied_to == head_name]
-        inverse = (1.0 / scales.double()).tolist()
-        for e in tied:  # the embedding shares the head's integers (W * s): its lookups are divided by s
-            self.plan_updates.append((e, inverse))
-        return work
+        return {e.name: self.model.get_submodule(e.name) for e in self.plan
+                if e.kind != "embedding" and e.precision != "skip" and not e.name.startswith(inside)}
 
     def _run_tail(self) -> None:
-        name, layers = self.layers
-        slots, gptq_tail, extra_tail = self._tail_modules()
         if not self.tail_needed:
             return
-        target = self._head_smoothing_target()
-        if target is not None:
-            work_norm = self._smooth_head(target)
-            if work_norm is not None:
-                norm = target[3]
-                changed = [(p, w) for p, w in zip(list(norm.parameters()) + list(norm.buffers()),
-                                                  list(work_norm.parameters()) + list(work_norm.buffers()))
-                           if p.shape == w.shape and not torch.equal(p, w)]
-                self.pending.extend((p, w.detach()) for p, w in changed)
-                # the observers and Hessians of the tail must see the smoothed head input
-                saved = [p.detach().clone() for p, _ in changed]
-                try:
-                    with torch.no_grad():
-                        for p, w in changed:
-                            p.copy_(w)
-                    self._run_tail_stats(slots, gptq_tail, extra_tail)
-                finally:
-                    with torch.no_grad():
-                        for (p, _), old in zip(changed, saved):
-                            p.copy_(old)
-                return
-        self._run_tail_stats(slots, gptq_tail, extra_tail)
+        changed: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        for step in self.steps:
+            changed += step.before_tail(self)
+        self.pending.extend((p, w.detach()) for p, w in changed)
+        # the tail's observers and statistics must see those changes (SmoothQuant's smoothed final norm)
+        saved = [p.detach().clone() for p, _ in changed]
+        try:
+            with torch.no_grad():
+                for p, w in changed:
+                    p.copy_(w)
+            self._run_tail_stats()
+        finally:
+            with torch.no_grad():
+                for (p, _), old in zip(changed, saved):
+                    p.copy_(old)
 
-    def _run_tail_stats(self, slots, gptq_tail, extra_tail) -> None:
-        if not (slots or gptq_tail or extra_tail):
-            return
-        modules = {n: self.model.get_submodule(n) for n in list(slots) + gptq_tail}
-        modules.update(extra_tail)
+    def _run_tail_stats(self) -> None:
+        inside = f"{self.layers[0]}."
+        names = [n for n in self.slots if not n.startswith(inside)]
         consumers: List[StatsHook] = list(self.extra_stats_hooks)
-        hessians = None
-        if gptq_tail:
-            hessians = HessianAccumulator(gptq_tail)
-            consumers.append(hessians)
-        self._tail_pass(modules, consumers, observe=True)
-        for module_name in gptq_tail:
-            self._gptq_tail_module(module_name, modules[module_name], hessians)
-
-    def _gptq_tail_module(self, name: str, module: nn.Module, hessians: HessianAccumulator) -> None:
-        entry = self.plan[name]
-        with torch.no_grad():
-            if name in self.weights:  # smoothed by SmoothQuant (final norm -> LM head)
-                weight = self.weights[name].float().clone()
-            else:
-                weight = _weight_out_in(module).detach().float().clone()
-            out = self.gptq(weight, hessians.hessian(name).clone(), dict(entry.weights), **dict(self.config.gptq))
-        self.weights[name] = out.weight.detach()
-        self.weight_qparams[name] = (out.scale, out.zero_point)
-        self.info_gptq[name] = getattr(out, "info", None)
+        for step in self.steps:
+            step_names, hooks = step.tail_hooks(self)
+            names += [n for n in step_names if n not in names]
+            consumers += hooks
+        extra_tail = self._extra_tail()
+        if not (names or extra_tail):
+            return
+        modules = {n: self.model.get_submodule(n) for n in names}
+        modules.update(extra_tail)
+        self.tail_pass(modules, consumers, observe=True)
+        for step in self.steps:
+            step.after_tail(self, modules)
 
     # -------------------------------------------------------------------- whole-model fallback
     def _run_whole_model(self) -> None:
@@ -1450,10 +1068,7 @@ class _Engine:
         estimate = estimate_calibration_memory(self.model, self.plan, self.config, self.num_samples, self.seq_len,
                                                layers=self.layers, sequential=self.layers is not None)
         n_batches = len(self.slices)
-        passes = 1 + (self.smoothquant is not None) + (self.gptq is not None)
-        if self.gptq is not None:
-            # true sequential: ~4 groups a layer (q/k/v, o, gate/up, down), the first in the observing pass
-            passes += 3 * self.gptq_options["true_sequential"] + self.gptq_options["float_targets"]
+        passes = 1 + sum(step.passes_per_layer(self) for step in self.steps)
         observers = sorted({s.settings["observer"] for s in self.slots.values()})
         self._announce(
             f"hfptq calibration: {self.num_samples} samples x {self.seq_len} tokens in {n_batches} batches of "
@@ -1464,33 +1079,28 @@ class _Engine:
         self.model.eval()
         mode = estimate.mode
         try:
+            chained = False
             if self.layers is not None:
-                name, layers = self.layers
-                total = n_batches * (1 + passes * len(layers) + 1)
-                self.bar = tqdm(total=total, desc="hfptq: calibration inputs", disable=not self.progress, leave=False)
+                self.bar = tqdm(total=n_batches * (1 + passes * len(self.layers[1]) + 1), desc="hfptq: calibration inputs",
+                                disable=not self.progress, leave=False)
                 with torch.inference_mode():
                     chained = self._capture()
-                if chained:
-                    self._plan_work()
-                    self.bar.total = n_batches * (1 + passes * (self.last_needed + 1) + int(self.tail_needed))
-                    self.bar.refresh()
-                    self._run_layers()
-                    self.float_cache = None
-                    self._run_tail()
-                else:
-                    if self.algorithms:
+                if not chained:
+                    if self.steps:
                         raise ConfigError(
-                            f"The layers of {name} are not called one after the other on the previous layer's output, so "
-                            "SmoothQuant/GPTQ cannot calibrate them layer by layer; disable smoothquant/gptq."
+                            f"The layers of {self.layers[0]} are not called one after the other on the previous layer's "
+                            "output, so SmoothQuant/GPTQ cannot calibrate them layer by layer; disable smoothquant/gptq."
                         )
                     logger.warning("hfptq calibration: %s is not a simple chain of layers; falling back to whole-model "
-                                   "forwards.", name)
-                    mode = "whole-model"
-                    self.cache = None
+                                   "forwards.", self.layers[0])
+                    mode, self.cache = "whole-model", None
                     self.bar.close()
-                    self.bar = tqdm(total=n_batches, desc="hfptq: calibrating (whole model)", disable=not self.progress,
-                                    leave=False)
-                    self._run_whole_model()
+            if chained:
+                self._plan_work()
+                self.bar.total = n_batches * (1 + passes * (self.last_needed + 1) + int(self.tail_needed))
+                self.bar.refresh()
+                self._run_layers()
+                self._run_tail()
             else:
                 self.bar = tqdm(total=n_batches, desc="hfptq: calibrating (whole model)", disable=not self.progress,
                                 leave=False)
@@ -1499,13 +1109,28 @@ class _Engine:
         finally:
             if self.bar is not None:
                 self.bar.close()
-            self.cache = None
-            self.calls = {}
-            self.templates = {}
+            self.cache, self.calls, self.templates = None, {}, {}
             self.model.train(was_training)
         seconds = time.perf_counter() - started
         peak = _read_status_bytes("VmHWM")
-        schemes = {}
+        info = self._info(mode, observers, seconds, peak, rss_before, estimate, ranges)
+        # Everything succeeded: only now do the steps' changes reach the model (GPTQ weights travel in the
+        # result); the smoothed planned linears are handed over as the model's own, updated, weights.
+        with torch.no_grad():
+            for target, value in self.pending:
+                target.copy_(value.to(device=target.device, dtype=target.dtype))
+        self.pending = []
+        for entry, inverse in self.plan_updates:
+            entry.extra["embed_channel_scale"] = inverse
+        self.plan_updates = []
+        for full, module in self.smoothed.items():
+            self.weights[full] = weight_out_in(module).detach()
+        logger.info("hfptq calibration done in %.1f s (peak RSS %s)", seconds, _mib(peak))
+        return CalibrationResult(input_qparams=input_qparams, weights=dict(self.weights),
+                                 weight_qparams=dict(self.weight_qparams), info=info)
+
+    def _info(self, mode, observers, seconds, peak, rss_before, estimate, ranges) -> Dict[str, Any]:
+        schemes: Dict[str, int] = {}
         for slot in self.slots.values():
             words = describe_activation_scheme(slot.settings)
             schemes[words] = schemes.get(words, 0) + 1
@@ -1532,30 +1157,12 @@ class _Engine:
             "estimated_memory": estimate.to_dict(),
             "modules": ranges,
         }
-        if self.smoothquant is not None:
-            info["smoothquant"] = self.info_sq
-        if self.gptq is not None:
-            info["gptq"] = self.info_gptq
-        if self.algorithms:
-            # what each accuracy algorithm bought, for the report (hfptq.algorithms.summarize_algorithms)
-            from .algorithms import summarize_algorithms
-
-            info["algorithms"] = summarize_algorithms(self.info_sq if self.smoothquant is not None else None,
-                                                      self.info_gptq if self.gptq is not None else None, self.config)
-        # Everything succeeded: only now do SmoothQuant's changes reach the model (GPTQ weights travel in the
-        # result); the smoothed planned linears are handed over as the model's own, updated, weights.
-        with torch.no_grad():
-            for target, value in self.pending:
-                target.copy_(value.to(device=target.device, dtype=target.dtype))
-        self.pending = []
-        for entry, inverse in self.plan_updates:
-            entry.extra["embed_channel_scale"] = inverse
-        self.plan_updates = []
-        for full, module in self.smoothed.items():
-            self.weights[full] = _weight_out_in(module).detach()
-        logger.info("hfptq calibration done in %.1f s (peak RSS %s)", seconds, _mib(peak))
-        return CalibrationResult(input_qparams=input_qparams, weights=dict(self.weights),
-                                 weight_qparams=dict(self.weight_qparams), info=info)
+        for step in self.steps:
+            info[step.name] = step.records
+        if self.steps:
+            # what each accuracy algorithm bought, for the report
+            info["algorithms"] = algorithms.summarize_algorithms(info.get("smoothquant"), info.get("gptq"), self.config)
+        return info
 
     def _finalize(self):
         missing = [n for n, s in self.slots.items() if s.observer.num_batches == 0]
@@ -1599,35 +1206,11 @@ def _strip_template(output: Any) -> Any:
     return output
 
 
-def _weight_out_in_tensor(weight: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    return weight.t() if type(module).__name__ == "Conv1D" else weight
-
-
 def _observed_range(observer: Observer) -> Optional[List[float]]:
     lo, hi = getattr(observer, "min_val", None), getattr(observer, "max_val", None)
     if isinstance(lo, torch.Tensor) and isinstance(hi, torch.Tensor) and lo.numel() == 1 and hi.numel() == 1:
         return [float(lo), float(hi)]
     return None
-
-
-def _load_algorithm(module_name: str, function: str) -> Callable:
-    """Import ``hfptq.algorithms.<module_name>.<function>`` lazily (only when configured)."""
-    label = {"smoothquant": "SmoothQuant", "gptq": "GPTQ"}[module_name]
-    try:
-        module = importlib.import_module(f"hfptq.algorithms.{module_name}")
-    except ModuleNotFoundError as exc:
-        if exc.name and not exc.name.startswith("hfptq"):
-            raise
-        raise NotImplementedError(
-            f"{label} is configured ({module_name}=...) but hfptq.algorithms.{module_name} is not available in this "
-            f"version of hfptq; remove the {module_name} field from the config."
-        ) from exc
-    fn = getattr(module, function, None)
-    if fn is None:
-        raise NotImplementedError(
-            f"hfptq.algorithms.{module_name} has no {function}(); {label} cannot run in this version of hfptq."
-        )
-    return fn
 
 
 def calibrate(
@@ -1638,6 +1221,7 @@ def calibrate(
     *,
     progress: bool = True,
     extra_stats_hooks: Sequence[StatsHook] = (),
+    steps: Optional[Sequence[CalibrationStep]] = None,
 ) -> CalibrationResult:
     """Run the calibration tokens through ``model`` and measure static activation ranges.
 
@@ -1655,6 +1239,9 @@ def calibrate(
         progress: show tqdm progress bars and print the memory estimate.
         extra_stats_hooks: callables ``hook(module_name, x, batch_index)`` that receive the 2-D
             input of every planned linear during the observing pass (e.g. :class:`ChannelAbsMax`).
+        steps: the algorithms run inside the sequential engine
+            (:class:`hfptq.algorithms.base.CalibrationStep`); default :func:`default_steps`
+            (SmoothQuant then GPTQ, as the config enables them).
 
     Returns:
         A :class:`CalibrationResult`.
@@ -1663,7 +1250,6 @@ def calibrate(
         CalibrationError: bad batches, NaN/Inf activations (naming the module or layer and the
             batch), or a static module the forward never reaches.
         ConfigError: conflicting/invalid observer settings, unsupported granularity.
-        NotImplementedError: SmoothQuant/GPTQ configured but their module is not available.
 
     Example:
         >>> cfg = HfPtqConfig(activations="static", calibration=dict(dataset="wikitext", config="wikitext-2-raw-v1",
@@ -1674,5 +1260,20 @@ def calibrate(
         >>> result.input_qparams["model.layers.0.mlp.down_proj"]                     # doctest: +SKIP
         (tensor(0.0123), None)
     """
-    engine = _Engine(model, plan, config, batches, progress, extra_stats_hooks)
-    return engine.run()
+    steps = default_steps(config) if steps is None else list(steps)
+    return _Engine(model, plan, config, batches, progress, extra_stats_hooks, steps).run()
+
+
+def default_steps(config: HfPtqConfig) -> List[CalibrationStep]:
+    """The calibration steps ``config`` enables, in order: SmoothQuant (``config.smoothquant``), GPTQ (``config.gptq``).
+
+    Example:
+        >>> [step.name for step in default_steps(HfPtqConfig(smoothquant={"alpha": 0.5}, gptq={}))]  # doctest: +SKIP
+        ['smoothquant', 'gptq']
+    """
+    steps: List[CalibrationStep] = []
+    if config.smoothquant is not None:
+        steps.append(SmoothQuantStep(config.smoothquant))
+    if config.gptq is not None:
+        steps.append(GPTQStep(config.gptq))
+    return steps

@@ -21,91 +21,10 @@ from .config import (
     normalize_activation_args,
     normalize_weight_args,
 )
+from .architectures import PRESETS, STRUCTURAL as _STRUCTURAL, is_conv1d as _is_conv1d, is_quantizable_linear, linear_shape
 from .errors import PlanError
 
 logger = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------------------------
-# Architecture presets: which module names are attention projections, FFN linears, LM head.
-# Patterns are regexes searched in the full module name.
-# --------------------------------------------------------------------------------------------
-_LLAMA_LIKE = {
-    "attention": [r"self_attn\.(q|k|v|o)_proj$"],
-    "ffn": [r"mlp\.(gate|up|down)_proj$"],
-    "lm_head": [r"^lm_head$"],
-}
-PRESETS: Dict[str, Dict[str, List[str]]] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    # Gemma 3 multimodal (Gemma3ForConditionalGeneration): the language model only; the SigLIP
-    # vision tower and the projector stay as they are ('other' -> skip), visible in the plan.
-    "gemma3": {
-        "attention": [r"language_model\.(?:.*\.)?self_attn\.(q|k|v|o)_proj$"],
-        "ffn": [r"language_model\.(?:.*\.)?mlp\.(gate|up|down)_proj$"],
-        "lm_head": [r"^lm_head$"],
-    },
-    "gemma3_text": _LLAMA_LIKE,
-    "phi3": {
-        "attention": [r"self_attn\.(qkv_proj|o_proj)$"],
-        "ffn": [r"mlp\.(gate_up_proj|down_proj)$"],
-        "lm_head": [r"^lm_head$"],
-    },
-    "gpt2": {
-        "attention": [r"attn\.(c_attn|c_proj)$"],
-        "ffn": [r"mlp\.(c_fc|c_proj)$"],
-        "lm_head": [r"^lm_head$"],
-    },
-    "opt": {
-        "attention": [r"self_attn\.(q|k|v|out)_proj$"],
-        "ffn": [r"\.fc(1|2)$"],
-        "lm_head": [r"^lm_head$"],
-    },
-    "gpt_neox": {
-        "attention": [r"attention\.(query_key_value|dense)$"],
-        "ffn": [r"mlp\.(dense_h_to_4h|dense_4h_to_h)$"],
-        "lm_head": [r"^(embed_out|lm_head)$"],
-    },
-    "bert": {
-        "attention": [r"attention\.self\.(query|key|value)$", r"attention\.output\.dense$"],
-        "ffn": [r"intermediate\.dense$", r"layer\.\d+\.output\.dense$"],
-        "lm_head": [r"cls\.predictions\.decoder$"],
-    },
-    "distilbert": {
-        "attention": [r"attention\.(q_lin|k_lin|v_lin|out_lin)$"],
-        "ffn": [r"ffn\.lin(1|2)$"],
-        "lm_head": [r"^vocab_projector$"],
-    },
-}
-PRESETS["roberta"] = {**PRESETS["bert"], "lm_head": [r"lm_head\.decoder$"]}
-PRESETS["xlm-roberta"] = PRESETS["roberta"]
-
-# Structural fallback for architectures without a preset.
-_STRUCTURAL = {
-    "attention": [r"(attn|attention)[^.]*\.[^.]+$", r"(q|k|v|o|qkv|out)_proj$", r"\.(query|key|value)$"],
-    "ffn": [r"(mlp|ffn|feed_forward|feedforward|intermediate)[^.]*\.[^.]+$", r"\.(fc\d|w\d|up_proj|down_proj|gate_proj)$"],
-    "lm_head": [r"^(lm_head|embed_out|output)$"],
-}
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def is_quantizable_linear(module: nn.Module) -> bool:
-    """Float ``nn.Linear`` or Transformers ``Conv1D`` (GPT-2)."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
-def linear_shape(module: nn.Module) -> Tuple[int, int]:
-    """``(in_features, out_features)`` of a Linear or Conv1D (whose weight is ``[in, out]``)."""
-    if _is_conv1d(module):
-        return int(module.weight.shape[0]), int(module.weight.shape[1])
-    return int(module.in_features), int(module.out_features)
-
 
 @dataclass
 class ModuleSpec:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import sys
 import types
 
 import pytest
@@ -32,6 +31,7 @@ from hfptq.calibration import (  # noqa: E402
     find_decoder_layers,
     observer_settings,
 )
+from hfptq.algorithms.gptq import GPTQStep  # noqa: E402
 from hfptq.data import calibration_batches  # noqa: E402
 from hfptq.errors import CalibrationError, ConfigError  # noqa: E402
 from hfptq.plan import resolve_plan  # noqa: E402
@@ -412,14 +412,62 @@ def test_invalid_observer_options_fail_before_running(model_dirs):
     _assert_unchanged(model, snapshot, modules)
 
 
-def test_missing_algorithm_module_is_not_implemented(model_dirs, monkeypatch):
-    monkeypatch.setitem(sys.modules, "hfptq.algorithms.smoothquant", None)  # import -> ModuleNotFoundError
+def test_fake_step_sees_every_hook_point_and_failure_leaves_model_unchanged(model_dirs):
+    """A step passed to calibrate() runs at each hook point; a step that raises rolls everything back."""
+    from hfptq.algorithms.base import CalibrationStep
+
+    class Recorder(CalibrationStep):
+        name = "recorder"
+
+        def __init__(self, fail_at=None):
+            super().__init__()
+            self.events, self.rows, self.fail_at = [], {}, fail_at
+
+        def before_observe(self, run, layer):
+            self.events.append(("before", layer.name))
+            with torch.no_grad():  # a change to the working copy: committed only on success
+                layer.work.post_attention_layernorm.weight.mul_(2.0)
+
+        def observe_hooks(self, run, layer):
+            def hook(name, x, batch_index):
+                self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+            return [hook], None
+
+        def after_observe(self, run, layer):
+            self.events.append(("after", layer.name))
+            if layer.name == self.fail_at:
+                raise CalibrationError(f"step failed in {layer.name}")
+
+        def tail_needed(self, run):
+            return True
+
+        def tail_hooks(self, run):
+            return ["lm_head"], [lambda name, x, b: self.rows.__setitem__(name, self.rows.get(name, 0) + x.shape[0])]
+
+        def after_tail(self, run, modules):
+            self.events.append(("tail", sorted(modules)))
+
+    config = hfptq.HfPtqConfig(activations="none", calibration=dict(dataset="x", batch_size=BATCH))
+    ids = torch.randint(4, 44, (NUM_SAMPLES, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     model = _load_float(model_dirs["llama"])
     snapshot, modules = _snapshot(model), dict(model.named_modules())
-    config = hfptq.HfPtqConfig(activations="static", calibration=dict(dataset="x"), smoothquant={"alpha": 0.5})
-    with pytest.raises(NotImplementedError, match="smoothquant"):
-        calibrate(model, resolve_plan(model, config), config, torch.zeros(2, 8, dtype=torch.long), progress=False)
-    _assert_unchanged(model, snapshot, modules)
+    failing = Recorder(fail_at="model.layers.1")
+    with pytest.raises(CalibrationError, match="model.layers.1"):
+        calibrate(model, resolve_plan(model, config), config, ids, progress=False, steps=[failing])
+    assert failing.events[-1] == ("after", "model.layers.1")
+    _assert_unchanged(model, snapshot, modules)  # layer 0's change never reached the model
+
+    step = Recorder()
+    result = calibrate(model, resolve_plan(model, config), config, ids, progress=False, steps=[step])
+    layers = [f"model.layers.{i}" for i in range(3)]
+    assert step.events == [e for n in layers for e in (("before", n), ("after", n))] + [("tail", ["lm_head"])]
+    # every planned linear of every layer (and the head, in the tail) saw every calibration token once
+    planned = {e.name for e in resolve_plan(model, config) if e.precision != "skip" and e.kind != "embedding"}
+    assert step.rows == {n: NUM_SAMPLES * SEQ_LEN for n in planned}
+    assert result.info["recorder"] == {}
+    for name in layers:  # committed after success
+        torch.testing.assert_close(model.get_submodule(name).post_attention_layernorm.weight,
+                                   2 * snapshot[f"{name}.post_attention_layernorm.weight"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -536,7 +584,9 @@ def test_extra_stats_hooks_hessian_and_absmax(model_dirs):
     assert set(absmax.values) == {e.name for e in plan if e.precision != "skip" and e.kind != "embedding"}
 
 
-def _fake_smoothquant(calls):
+def _fake_smoothquant(calls, options):
+    from hfptq.algorithms.smoothquant import SmoothQuantStep
+
     def smooth_layer(layer, layer_name, plan, absmax, options, model_config, inputs=None, observers=None):
         calls.append((layer_name, sorted(absmax)))
         with torch.no_grad():  # function-preserving fold: norm x2, gate/up weights /2
@@ -545,7 +595,7 @@ def _fake_smoothquant(calls):
             layer.mlp.up_proj.weight.div_(2.0)
         return {"alpha": options["alpha"]}
 
-    return types.SimpleNamespace(smooth_layer=smooth_layer)
+    return SmoothQuantStep(options, layer_fn=smooth_layer, head_fn=None)
 
 
 def _no_algorithm_summary(monkeypatch):
@@ -558,7 +608,6 @@ def _no_algorithm_summary(monkeypatch):
 def test_smoothquant_plumbing_commit_and_rollback(model_dirs, text_file, tokenizer, monkeypatch):
     calls = []
     _no_algorithm_summary(monkeypatch)
-    monkeypatch.setitem(sys.modules, "hfptq.algorithms.smoothquant", _fake_smoothquant(calls))
     spec = _spec(text_file)
     ids = calibration_batches(spec, tokenizer, progress=False)
     base_cfg = hfptq.HfPtqConfig(activations="static", calibration=spec)
@@ -568,7 +617,8 @@ def test_smoothquant_plumbing_commit_and_rollback(model_dirs, text_file, tokeniz
     norm_before = model.model.layers[0].post_attention_layernorm.weight.detach().clone()
     gate_before = model.model.layers[0].mlp.gate_proj.weight.detach().clone()
 
-    result = calibrate(model, resolve_plan(model, sq_cfg), sq_cfg, ids, progress=False)
+    result = calibrate(model, resolve_plan(model, sq_cfg), sq_cfg, ids, progress=False,
+                       steps=[_fake_smoothquant(calls, sq_cfg.smoothquant)])
     assert [c[0] for c in calls] == ["model.layers.0", "model.layers.1", "model.layers.2"]
     assert "model.layers.0.mlp.down_proj" in calls[0][1] and "model.layers.0.self_attn.q_proj" in calls[0][1]
     assert result.info["smoothquant"]["model.layers.0"] == {"alpha": 0.5}
@@ -589,7 +639,8 @@ def test_smoothquant_plumbing_commit_and_rollback(model_dirs, text_file, tokeniz
     model.model.layers[2].mlp.down_proj.weight.data[0, 0] = float("nan")
     snapshot = _snapshot(model)
     with pytest.raises(CalibrationError, match="model.layers.2"):
-        calibrate(model, resolve_plan(model, sq_cfg), sq_cfg, ids, progress=False)
+        calibrate(model, resolve_plan(model, sq_cfg), sq_cfg, ids, progress=False,
+                  steps=[_fake_smoothquant(calls, sq_cfg.smoothquant)])
     state = model.state_dict()
     for key, value in snapshot.items():
         assert torch.equal(torch.nan_to_num(state[key]), torch.nan_to_num(value)), key
@@ -605,14 +656,13 @@ def test_gptq_plumbing(model_dirs, text_file, tokenizer, monkeypatch):
         return types.SimpleNamespace(weight=q * scale, scale=scale, zero_point=None, info={"damp": options["damp"]})
 
     _no_algorithm_summary(monkeypatch)
-    monkeypatch.setitem(sys.modules, "hfptq.algorithms.gptq", types.SimpleNamespace(gptq_quantize=gptq_quantize))
     spec = _spec(text_file)
     ids = calibration_batches(spec, tokenizer, progress=False)
     config = hfptq.HfPtqConfig(activations="static", calibration=spec, gptq={"damp": 0.01})
     model = _load_float(model_dirs["llama"])
     snapshot = _snapshot(model)
     plan = resolve_plan(model, config)
-    result = calibrate(model, plan, config, ids, progress=False)
+    result = calibrate(model, plan, config, ids, progress=False, steps=[GPTQStep(config.gptq, quantize_fn=gptq_quantize)])
     quantized = {e.name for e in plan if e.quantized and e.kind != "embedding"}
     assert set(result.weights) == quantized == set(result.weight_qparams)  # FFN of every layer + LM head
     assert seen[(64, 32)] == (torch.Size([32, 32]), 8, {"damp": 0.01})
@@ -645,17 +695,14 @@ def _weight_only_gptq(text_file, **gptq):
 
 
 def _run_fake_gptq(model_dirs, text_file, tokenizer, monkeypatch, **gptq):
-    from hfptq.algorithms.gptq import float_target_weight
-
     calls = []
     _no_algorithm_summary(monkeypatch)
-    monkeypatch.setitem(sys.modules, "hfptq.algorithms.gptq",
-                        types.SimpleNamespace(gptq_quantize=_coarse_gptq(calls), float_target_weight=float_target_weight))
     config = _weight_only_gptq(text_file, **gptq)
     ids = calibration_batches(config.calibration, tokenizer, progress=False)
     model = _load_float(model_dirs["llama"])
     plan = resolve_plan(model, config)
-    result = calibrate(model, plan, config, ids, progress=False)
+    result = calibrate(model, plan, config, ids, progress=False,
+                       steps=[GPTQStep(config.gptq, quantize_fn=_coarse_gptq(calls))])
     return model, plan, ids, calls, result
 
 
@@ -704,15 +751,11 @@ def test_float_targets_equal_the_float_weight_when_nothing_drifted(model_dirs, t
                                      info={})
 
     _no_algorithm_summary(monkeypatch)
-    from hfptq.algorithms.gptq import float_target_weight
-
-    monkeypatch.setitem(sys.modules, "hfptq.algorithms.gptq",
-                        types.SimpleNamespace(gptq_quantize=identity, float_target_weight=float_target_weight))
     config = _weight_only_gptq(text_file, float_targets=True, true_sequential=True)
     ids = calibration_batches(config.calibration, tokenizer, progress=False)
     model = _load_float(model_dirs["llama"])
     plan = resolve_plan(model, config)
-    result = calibrate(model, plan, config, ids, progress=False)
+    result = calibrate(model, plan, config, ids, progress=False, steps=[GPTQStep(config.gptq, quantize_fn=identity)])
     names = [e.name for e in plan if e.quantized and e.kind != "embedding" and e.name != "lm_head"]
     assert len(calls) == len(names) + 1
     for name, weight in zip(names, calls):

@@ -34,28 +34,33 @@ so ``QuantLinear.from_float(module, args, weight=result.weight,
 weight_qparams=(result.scale, result.zero_point))`` stores exactly the integers GPTQ chose.
 
 Example:
-    >>> acc = HessianAccumulator(64)
-    >>> acc.add(torch.randn(256, 64))
-    >>> res = gptq_quantize(torch.randn(32, 64), acc.hessian, {"bits": 4, "granularity": "group", "group_size": 32})
+    >>> acc = HessianAccumulator()
+    >>> acc("fc", torch.randn(256, 64))
+    >>> res = gptq_quantize(torch.randn(32, 64), acc.hessian("fc"), {"bits": 4, "granularity": "group", "group_size": 32})
     >>> res.scale.shape
     torch.Size([32, 2])
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
+from ..architectures import find_module, is_quantizable_linear, weight_out_in
+from ..errors import CalibrationError
 from ..quant.qparams import compute_qparams, qrange, weight_minmax
 from . import validate_options
+from .base import CalibrationStep, CrossAccumulator, HessianAccumulator, InputCapture, LayerWork
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GPTQResult", "HessianAccumulator", "float_target_weight", "gptq_quantize", "rtn_quantize", "summarize", "weight_qparams"]
+__all__ = ["GPTQResult", "GPTQStep", "HessianAccumulator", "float_target_weight", "gptq_quantize", "rtn_quantize", "summarize", "weight_qparams"]
 
 # Norm exponent and shrink grid of the MSE clipping search (as in the reference GPTQ quantizer).
 _MSE_NORM = 2.4
@@ -87,62 +92,6 @@ class GPTQResult:
     scale: torch.Tensor
     zero_point: Optional[torch.Tensor]
     info: Dict[str, Any] = field(default_factory=dict)
-
-
-class HessianAccumulator:
-    """Running ``H = 2/N * X^T X`` over all rows ``x`` seen (``N`` = number of rows).
-
-    Rows are the last dimension of each added tensor (``[..., in_features]``), so a batch of
-    ``[batch, seq, hidden]`` activations adds ``batch * seq`` rows. The running average keeps
-    the magnitude independent of ``N`` (no overflow over long calibrations).
-
-    Args:
-        in_features: width of the rows.
-        dtype: accumulation dtype (``torch.float32`` or ``torch.float64``).
-        device: where ``H`` lives (default: the device of the first added tensor).
-
-    Example:
-        >>> acc = HessianAccumulator(3)
-        >>> acc.add(torch.ones(2, 3)); acc.add(torch.ones(1, 4, 3))
-        >>> acc.num_samples, float(acc.hessian[0, 0])
-        (6, 2.0)
-    """
-
-    def __init__(self, in_features: int, dtype: torch.dtype = torch.float32,
-                 device: Optional[torch.device] = None) -> None:
-        self.in_features = int(in_features)
-        self.dtype = dtype
-        self.num_samples = 0
-        self._h: Optional[torch.Tensor] = None
-        if device is not None:
-            self._h = torch.zeros(self.in_features, self.in_features, dtype=dtype, device=device)
-
-    @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        """Add the rows of ``x`` (``[..., in_features]``)."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"HessianAccumulator({self.in_features}) got rows of width {x.shape[-1]}")
-        rows = x.detach().reshape(-1, self.in_features)
-        n = rows.shape[0]
-        if n == 0:
-            return
-        if self._h is None:
-            self._h = torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=rows.device)
-        rows = rows.to(device=self._h.device, dtype=self.dtype)
-        total = self.num_samples + n
-        self._h.mul_(self.num_samples / total)
-        self._h.addmm_(rows.t(), rows, alpha=2.0 / total)
-        self.num_samples = total
-
-    @property
-    def hessian(self) -> torch.Tensor:
-        """``[in, in]`` Hessian (zeros before any :meth:`add`)."""
-        if self._h is None:
-            return torch.zeros(self.in_features, self.in_features, dtype=self.dtype)
-        return self._h
-
-    def __repr__(self) -> str:
-        return f"HessianAccumulator(in_features={self.in_features}, num_samples={self.num_samples})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,8 +254,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, weight_args: Mapp
 
     Example:
         >>> x = torch.randn(512, 16) @ torch.randn(16, 16)          # correlated inputs
-        >>> acc = HessianAccumulator(16); acc.add(x)
-        >>> res = gptq_quantize(torch.randn(8, 16), acc.hessian, {"bits": 4, "granularity": "channel"})
+        >>> acc = HessianAccumulator(); acc("fc", x)
+        >>> res = gptq_quantize(torch.randn(8, 16), acc.hessian("fc"), {"bits": 4, "granularity": "channel"})
         >>> res.info["error"] <= res.info["rtn_error"]
         True
     """
@@ -537,3 +486,198 @@ def summarize(infos: Mapping[str, Optional[Mapping[str, Any]]], options: Optiona
         out["float_target_modules"] = len(shifts)
         out["float_target_shift"] = sum(shifts) / len(shifts)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The calibration step
+# --------------------------------------------------------------------------------------------
+
+
+class GPTQStep(CalibrationStep):
+    """GPTQ inside the sequential calibration: Hessians from the observing pass, then rounding.
+
+    Per decoder layer: the Hessians of the layer's quantized linears are collected in the engine's
+    observing pass and ``quantize_fn`` (default :func:`gptq_quantize`) rounds each weight; the layer
+    then runs once more with the new weights to produce the next layer's inputs. With
+    ``true_sequential`` the modules are grouped by shared input in call order (q/k/v, o, gate/up,
+    down) and each later group gets its own pass after the earlier groups were rounded. With
+    ``float_targets`` a second hidden-state stream carries the float model: the unrounded layer runs
+    on it first, recording its modules' inputs, and each weight is corrected towards the float
+    output (``float_target_fn``, default :func:`float_target_weight`) before rounding. Planned
+    modules after the layers (the LM head) are rounded from the tail pass's Hessians. The rounded
+    weights go to ``run.weights`` (the model's own weights are never written).
+
+    Example:
+        >>> GPTQStep({"true_sequential": True}).name
+        'gptq'
+    """
+
+    name = "gptq"
+
+    def __init__(self, options: Optional[Mapping[str, Any]], *, quantize_fn: Optional[Callable[..., Any]] = None,
+                 float_target_fn: Optional[Callable[..., Any]] = None) -> None:
+        super().__init__()
+        self.raw = dict(options or {})
+        self.options: Dict[str, Any] = {}
+        self.quantize_fn = gptq_quantize if quantize_fn is None else quantize_fn
+        self.float_target_fn = float_target_weight if float_target_fn is None else float_target_fn
+        self.names: List[str] = []
+        self.float_cache: Optional[torch.Tensor] = None  # float_targets: the float model's hidden states
+        self._groups: List[List[str]] = []
+        self._targets: Optional[List[Dict[str, torch.Tensor]]] = None
+        self._first: Optional[Tuple[HessianAccumulator, Optional[CrossAccumulator]]] = None
+        self._tail: Optional[HessianAccumulator] = None
+
+    def validate(self, run: Any) -> None:
+        self.options = validate_options("gptq", self.raw)
+        self.names = [e.name for e in run.plan if e.quantized and e.kind != "embedding"]
+        for name in self.names:
+            module = find_module(run.model, name)
+            if module is None or not is_quantizable_linear(module):
+                raise CalibrationError(f"GPTQ: the plan names {name!r} but the model has no float Linear there.")
+
+    def module_names(self, run: Any) -> List[str]:
+        return self.names
+
+    def passes_per_layer(self, run: Any) -> int:
+        # true sequential: ~4 groups a layer (q/k/v, o, gate/up, down), the first in the observing pass
+        return 1 + 3 * self.options["true_sequential"] + self.options["float_targets"]
+
+    def start_layers(self, run: Any) -> None:
+        if self.options.get("float_targets"):
+            self.float_cache = run.cache.clone()
+
+    def end_layers(self, run: Any) -> None:
+        self.float_cache = None
+
+    def _here(self, layer: LayerWork) -> List[str]:
+        return [n for n in self.names if n.startswith(layer.prefix)]
+
+    def before_observe(self, run: Any, layer: LayerWork) -> None:
+        here = self._here(layer)
+        self._targets = None
+        if self.options.get("float_targets"):
+            # the float layer (smoothed, not yet rounded) on the float stream: its module inputs are the
+            # GPTAQ targets, its outputs the next layer's float input
+            capture = InputCapture(here)
+            with torch.no_grad():
+                reference = copy.deepcopy(layer.work)
+            run.layer_pass(layer, write=True, module=reference, cache=self.float_cache, consumers=[capture],
+                           modules={n: reference.get_submodule(n[len(layer.prefix):]) for n in here})
+            del reference
+            self._targets = capture.batches
+        self._groups = self._call_groups(run, layer, here) if here and self.options.get("true_sequential") else [here]
+
+    def _accumulators(self, group: List[str]) -> Tuple[Optional[HessianAccumulator], Optional[CrossAccumulator]]:
+        hessians = HessianAccumulator(group) if group else None
+        cross = CrossAccumulator(group, self._targets) if group and self._targets is not None else None
+        return hessians, cross
+
+    def observe_hooks(self, run: Any, layer: LayerWork) -> Tuple[List[Any], Optional[nn.Module]]:
+        group = self._groups[0]
+        self._first = self._accumulators(group)
+        stop = layer.modules[group[-1]] if len(self._groups) > 1 else None  # only the group's inputs are needed
+        return [c for c in self._first if c is not None], stop
+
+    def rewrites_outputs(self, run: Any, layer: LayerWork) -> bool:
+        return bool(self._here(layer))
+
+    def after_observe(self, run: Any, layer: LayerWork) -> None:
+        for g, group in enumerate(self._groups):
+            if g == 0:
+                hessians, cross = self._first
+                self._first = None
+            else:
+                hessians, cross = self._accumulators(group)
+                run.layer_pass(layer, write=False, modules={n: layer.modules[n] for n in group},
+                               consumers=[c for c in (hessians, cross) if c is not None],
+                               stop_after=layer.modules[group[-1]])
+            for name in group:
+                self._round(run, name, layer.modules[name], hessians, cross)
+            del hessians, cross
+        self._targets = None
+
+    def _call_groups(self, run: Any, layer: LayerWork, names: Sequence[str]) -> List[List[str]]:
+        """``names`` grouped by shared input, in call order (q/k/v, o, gate/up, down), from one batch.
+
+        Modules called with the same input tensor (before any rotation hook) form one group; a
+        module never called in the probe batch goes last, alone.
+        """
+        order: Dict[str, int] = {}  # module -> identity of its first input, in call order
+        handles = []
+
+        def hook(mod, args, kwargs, _name):
+            x = args[0] if args else next(iter(kwargs.values()))
+            order.setdefault(_name, x.data_ptr() if isinstance(x, torch.Tensor) else id(x))
+
+        try:
+            for n in names:
+                handles.append(layer.modules[n].register_forward_pre_hook(
+                    lambda mod, args, kwargs, _n=n: hook(mod, args, kwargs, _n), with_kwargs=True, prepend=True))
+            run.forward_first_batch(layer)
+        finally:
+            for h in handles:
+                h.remove()
+        groups: List[List[str]] = []
+        last = None
+        for n, key in order.items():
+            if groups and key == last:
+                groups[-1].append(n)
+            else:
+                groups.append([n])
+            last = key
+        groups += [[n] for n in names if n not in order]
+        return groups
+
+    def _round(self, run: Any, name: str, module: nn.Module, hessians: HessianAccumulator,
+               cross: Optional[CrossAccumulator] = None) -> None:
+        """GPTQ on ``module`` of a layer's working copy; the rounded weight also replaces the copy's
+        weight, so that the layer's later passes see it."""
+        shift = None
+        with torch.no_grad():
+            hessian = hessians.hessian(name).clone()
+            weight = weight_out_in(module).detach().float().clone()
+            if cross is not None:
+                opts = self.options
+                weight, fit = self.float_target_fn(weight, hessian, cross.cross(name), opts["damp"],
+                                                   opts["max_damp_retries"])
+                shift = fit["shift"]
+            out = self.quantize_fn(weight, hessian, dict(run.plan[name].weights), **self.raw)
+            if shift is not None and getattr(out, "info", None) is not None:
+                out.info["float_target_shift"] = shift
+            new = out.weight.detach()
+            if tuple(new.shape) != tuple(weight.shape):
+                raise CalibrationError(f"GPTQ returned a weight of shape {tuple(new.shape)} for {name!r} "
+                                       f"(expected {tuple(weight.shape)}).")
+            module.weight.copy_(weight_out_in(module, new).to(module.weight.dtype))
+        self._keep(run, name, out)
+
+    def _keep(self, run: Any, name: str, out: Any) -> None:
+        run.weights[name] = out.weight.detach()
+        run.weight_qparams[name] = (out.scale, out.zero_point)
+        self.records[name] = getattr(out, "info", None)
+
+    # ---------------------------------------------------------------- modules after the layers
+    def _tail_names(self, run: Any) -> List[str]:
+        inside = f"{run.layers[0]}."
+        return [n for n in self.names if not n.startswith(inside)]
+
+    def tail_needed(self, run: Any) -> bool:
+        return bool(self._tail_names(run))
+
+    def tail_hooks(self, run: Any) -> Tuple[List[str], List[Any]]:
+        names = self._tail_names(run)
+        self._tail = HessianAccumulator(names) if names else None
+        return names, [self._tail] if names else []
+
+    def after_tail(self, run: Any, modules: Mapping[str, nn.Module]) -> None:
+        for name in self._tail_names(run):
+            with torch.no_grad():
+                if name in run.weights:  # smoothed by SmoothQuant (final norm -> LM head)
+                    weight = run.weights[name].float().clone()
+                else:
+                    weight = weight_out_in(modules[name]).detach().float().clone()
+                out = self.quantize_fn(weight, self._tail.hessian(name).clone(), dict(run.plan[name].weights),
+                                       **self.raw)
+            self._keep(run, name, out)
+        self._tail = None

@@ -29,24 +29,28 @@ their rounding error shrinks relative to what they contribute, with alpha search
 ``weight_only_grid`` against the group's simulated output error (and "no scaling" always among the
 candidates). ``weight_only=False`` turns that off.
 
+In calibration, :class:`SmoothQuantStep` collects each layer's statistics and calls
+:func:`smooth_layer` on the layer's working copy (and :func:`smooth_head` for the LM head).
+
 Example:
-    >>> absmax, samples = collect_activation_stats(model, names, batches)      # doctest: +SKIP
-    >>> info = smooth_model(model, plan, absmax, {"alpha": 0.5}, inputs=samples)  # doctest: +SKIP
+    >>> absmax = {"model.layers.0.mlp.gate_proj": torch.ones(64), ...}            # doctest: +SKIP
+    >>> record = smooth_layer(layer, "model.layers.0", plan, absmax, {"alpha": 0.5}, model.config)  # doctest: +SKIP
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
-from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..architectures import SMOOTH_TABLE, SmoothGroup, find_final_norm, find_module, is_quantizable_linear
 from ..errors import CalibrationError
 from ..quant.qparams import compute_qparams, dequantize, dequantize_weight, quantize, quantize_per_token, quantize_weight
 from . import validate_options
+from .base import CalibrationStep, ChannelAbsMax, LayerWork
 
 logger = logging.getLogger(__name__)
 
@@ -57,66 +61,13 @@ __all__ = [
     "SMOOTH_TABLE",
     "InputSampler",
     "SmoothGroup",
+    "SmoothQuantStep",
     "activation_aware_scales",
-    "collect_activation_stats",
-    "find_decoder_layers",
     "groups_for",
     "smooth_head",
     "smooth_layer",
-    "smooth_model",
     "smoothing_scales",
 ]
-
-
-@dataclass(frozen=True)
-class SmoothGroup:
-    """One smoothing site inside a decoder layer (paths relative to the layer).
-
-    Attributes:
-        name: short label (``"qkv"``, ``"gate_up"``, ``"down"``), usable in ``options["groups"]``.
-        prev: module whose output is the consumers' input (a norm or a linear).
-        consumers: linears reading that output.
-        prev_rows: for a fused linear ``prev`` (Phi-3 ``gate_up_proj``), which output rows feed the
-            consumers: ``"second_half"``; ``None`` means all of them.
-        norm_offset: ``1.0`` when the norm scales by ``(1 + w)`` (Gemma), ``0.0`` when by ``w``;
-            only a first guess, checked numerically when folding.
-    """
-
-    name: str
-    prev: str
-    consumers: Tuple[str, ...]
-    prev_rows: Optional[str] = None
-    norm_offset: float = 0.0
-
-
-def _llama_like(mlp_norm: str, offset: float) -> Tuple[SmoothGroup, ...]:
-    return (
-        SmoothGroup("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                    norm_offset=offset),
-        SmoothGroup("gate_up", mlp_norm, ("mlp.gate_proj", "mlp.up_proj"), norm_offset=offset),
-        SmoothGroup("down", "mlp.up_proj", ("mlp.down_proj",)),
-    )
-
-
-#: (prev -> consumers) per ``model_type``. Gemma 1 feeds its MLP from ``post_attention_layernorm``
-#: (like Llama, but with the ``1 + w`` scaling); Gemma 2 and 3 apply ``post_attention_layernorm``
-#: to the attention output and feed the MLP from ``pre_feedforward_layernorm``.
-SMOOTH_TABLE: Dict[str, Tuple[SmoothGroup, ...]] = {
-    "llama": _llama_like("post_attention_layernorm", 0.0),
-    "mistral": _llama_like("post_attention_layernorm", 0.0),
-    "qwen2": _llama_like("post_attention_layernorm", 0.0),
-    "qwen3": _llama_like("post_attention_layernorm", 0.0),
-    "gemma": _llama_like("post_attention_layernorm", 1.0),
-    "gemma2": _llama_like("pre_feedforward_layernorm", 1.0),
-    "gemma3": _llama_like("pre_feedforward_layernorm", 1.0),
-    "gemma3_text": _llama_like("pre_feedforward_layernorm", 1.0),
-    "phi3": (
-        SmoothGroup("qkv", "input_layernorm", ("self_attn.qkv_proj",)),
-        SmoothGroup("gate_up", "post_attention_layernorm", ("mlp.gate_up_proj",)),
-        # Phi3MLP: gate, up = gate_up_proj(x).chunk(2); down_proj(up * act(gate))
-        SmoothGroup("down", "mlp.gate_up_proj", ("mlp.down_proj",), prev_rows="second_half"),
-    ),
-}
 
 
 def groups_for(model_type: str, options: Optional[Mapping[str, Any]] = None) -> Tuple[SmoothGroup, ...]:
@@ -721,117 +672,6 @@ class InputSampler:
         return dict(self._rows)
 
 
-# --------------------------------------------------------------------------------------------
-# Whole model (non-sequential use, tests, studies)
-# --------------------------------------------------------------------------------------------
-
-
-def find_decoder_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """``(name, layer)`` of the decoder layers: the children of the longest ``ModuleList`` of blocks.
-
-    Example:
-        >>> [name for name, _ in find_decoder_layers(model)][:2]          # doctest: +SKIP
-        ['model.layers.0', 'model.layers.1']
-    """
-    best: Tuple[str, Optional[nn.ModuleList]] = ("", None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if best[1] is None or len(module) > len(best[1]):
-                if any(isinstance(m, nn.Linear) for m in module[0].modules()):
-                    best = (name, module)
-    if best[1] is None:
-        return []
-    prefix = best[0]
-    return [(f"{prefix}.{i}" if prefix else str(i), layer) for i, layer in enumerate(best[1])]
-
-
-@torch.no_grad()
-def collect_activation_stats(
-    model: nn.Module,
-    names: Iterable[str],
-    batches: Iterable[torch.Tensor],
-    *,
-    sample_rows: int = 0,
-    seed: int = 0,
-    progress: bool = False,
-) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-    """Per-input-channel ``max |x|`` (and optionally sample rows) of the inputs of ``names``.
-
-    One forward pass per batch of token ids, through the float model (not sequential: for the
-    layer-by-layer version the calibration engine collects the same statistics).
-
-    Returns:
-        ``(absmax, samples)``: ``absmax[name]`` float32 ``[in_features]``; ``samples[name]`` up to
-        ``sample_rows`` input rows ``[n, in_features]`` drawn uniformly (empty dict when 0).
-
-    Example:
-        >>> absmax, _ = collect_activation_stats(model, ["model.layers.0.mlp.down_proj"], [ids])  # doctest: +SKIP
-    """
-    names = list(names)
-    absmax: Dict[str, torch.Tensor] = {}
-    samples: Dict[str, List[torch.Tensor]] = {n: [] for n in names} if sample_rows else {}
-    gen = torch.Generator().manual_seed(seed)
-    handles = []
-
-    def hook_for(name: str):
-        def hook(_module, args):
-            x = args[0].detach()
-            x2 = x.reshape(-1, x.shape[-1]).float()
-            cur = x2.abs().amax(dim=0).cpu()
-            absmax[name] = cur if name not in absmax else torch.maximum(absmax[name], cur)
-            if sample_rows:
-                take = min(sample_rows, x2.shape[0])
-                idx = torch.randperm(x2.shape[0], generator=gen)[:take]
-                samples[name].append(x2[idx.to(x2.device)].cpu())
-        return hook
-
-    for name in names:
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook_for(name)))
-    try:
-        for batch in tqdm(list(batches), desc="hfptq: activation stats", disable=not progress, leave=False):
-            batch = batch if batch.dim() == 2 else batch.unsqueeze(0)
-            model(input_ids=batch.to(next(model.parameters()).device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    out_samples: Dict[str, torch.Tensor] = {}
-    for name, chunks in samples.items():
-        if chunks:
-            rows = torch.cat(chunks)
-            if rows.shape[0] > sample_rows:
-                rows = rows[torch.randperm(rows.shape[0], generator=gen)[:sample_rows]]
-            out_samples[name] = rows
-    return absmax, out_samples
-
-
-def smooth_model(
-    model: nn.Module,
-    plan: Any,
-    absmax: Mapping[str, torch.Tensor],
-    options: Optional[Mapping[str, Any]] = None,
-    *,
-    inputs: Optional[Mapping[str, torch.Tensor]] = None,
-    progress: bool = False,
-) -> Dict[str, Any]:
-    """Apply :func:`smooth_layer` to every decoder layer (statistics collected beforehand).
-
-    With ``alpha="search"`` and statistics from the float model this is the classic one-shot
-    SmoothQuant; the sequential calibration engine instead calls :func:`smooth_layer` per layer.
-
-    Returns:
-        ``{"name": "smoothquant", "layers": [...], "groups_smoothed": n, "groups_skipped": m}``.
-
-    Example:
-        >>> absmax, samples = collect_activation_stats(model, plan.quantized_names(), [ids], sample_rows=512)  # doctest: +SKIP
-        >>> smooth_model(model, plan, absmax, {"alpha": "search"}, inputs=samples)["groups_smoothed"]  # doctest: +SKIP
-    """
-    layers = find_decoder_layers(model)
-    records = []
-    for name, layer in tqdm(layers, desc="hfptq: smoothquant", disable=not progress, leave=False):
-        records.append(smooth_layer(layer, name, plan, absmax, options, getattr(model, "config", None), inputs=inputs))
-    return summarize(records, validate_options("smoothquant", options))
-
-
 def summarize(records: Sequence[Mapping[str, Any]], options: Mapping[str, Any]) -> Dict[str, Any]:
     """Aggregate per-layer :func:`smooth_layer` records into the report's ``algorithms`` entry."""
     groups = [g for r in records for g in r.get("groups", [])]
@@ -859,3 +699,129 @@ def summarize(records: Sequence[Mapping[str, Any]], options: Mapping[str, Any]) 
         out["search_error_unsmoothed"] = sum(unsm)
         out["search_error_chosen"] = sum(chosen)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The calibration step
+# --------------------------------------------------------------------------------------------
+
+
+class SmoothQuantStep(CalibrationStep):
+    """SmoothQuant inside the sequential calibration: each layer's groups, then final norm -> LM head.
+
+    Per decoder layer, before the observing pass: one pass collects the per-channel ``max |x|`` (and,
+    for ``alpha="search"``, sample rows) of every linear input, then ``layer_fn`` (default
+    :func:`smooth_layer`) folds the factors into the layer's working copy, so the observers see the
+    smoothed activations. In the tail, when the LM head is W8A8, ``head_fn`` (default
+    :func:`smooth_head`; ``None`` disables the head group) smooths the final norm -> LM head.
+
+    Args:
+        options: ``HfPtqConfig.smoothquant``.
+        layer_fn: ``layer_fn(layer, layer_name, plan, absmax, options, model_config, inputs=, observers=)``.
+        head_fn: see :func:`smooth_head`, or ``None``.
+
+    Example:
+        >>> step = SmoothQuantStep({"alpha": 0.5})
+        >>> step.name
+        'smoothquant'
+    """
+
+    name = "smoothquant"
+    needs_every_layer = True
+
+    def __init__(self, options: Optional[Mapping[str, Any]], *, layer_fn: Optional[Callable[..., Any]] = None,
+                 head_fn: Optional[Callable[..., Any]] = smooth_head) -> None:
+        super().__init__()
+        self.options = dict(options or {})
+        self.layer_fn = smooth_layer if layer_fn is None else layer_fn
+        self.head_fn = head_fn
+
+    def passes_per_layer(self, run: Any) -> int:
+        return 1
+
+    def before_observe(self, run: Any, layer: LayerWork) -> None:
+        absmax = ChannelAbsMax()
+        hooks: List[Any] = [absmax]
+        sampler = None
+        if self.options.get("alpha") == "search":
+            # the alpha search scores each candidate on a sample of the layer's real input rows
+            sampler = InputSampler(validate_options("smoothquant", self.options)["search_tokens"])
+            hooks.append(sampler)
+        run.layer_pass(layer, write=False, modules=layer.all_linears, consumers=hooks)
+        with torch.no_grad():
+            stats = {k: v.clone() for k, v in absmax.values.items()}
+            observers = {n: dict(run.slots[n].settings) for n in layer.modules if n in run.slots}
+            self.records[layer.name] = self.layer_fn(
+                layer.work, layer.name, run.plan, stats, dict(self.options), getattr(run.model, "config", None),
+                inputs=None if sampler is None else sampler.samples(), observers=observers)
+
+    # ---------------------------------------------------------------- final norm -> LM head
+    def _head_target(self, run: Any) -> Optional[Tuple[str, nn.Module, str, nn.Module]]:
+        """``(head name, head, norm name, norm)`` when the final norm -> LM head group applies."""
+        if self.head_fn is None:
+            return None
+        groups = validate_options("smoothquant", self.options)["groups"]
+        if groups is not None and "head" not in groups:
+            return None
+        entry = next((e for e in run.plan if e.kind == "lm_head"), None)
+        if entry is None or not entry.quantized or (entry.activations or {}).get("mode", "none") == "none":
+            return None
+        head = find_module(run.model, entry.name)
+        if head is None or not is_quantizable_linear(head):
+            return None
+        norm = find_final_norm(run.model, run.layers[0])
+        return None if norm is None else (entry.name, head, norm[0], norm[1])
+
+    def tail_needed(self, run: Any) -> bool:
+        return self._head_target(run) is not None
+
+    def before_tail(self, run: Any) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        target = self._head_target(run)
+        if target is None:
+            return []
+        head_name, head, norm_name, norm = target
+        opts = validate_options("smoothquant", self.options)
+        absmax = ChannelAbsMax()
+        hooks: List[Any] = [absmax]
+        sampler = InputSampler(opts["search_tokens"]) if opts["alpha"] == "search" else None
+        if sampler is not None:
+            hooks.append(sampler)
+        seen: Dict[str, Any] = {"norm_out": None, "feeds_head": True}
+
+        def norm_out(_module, _args, output):
+            seen["norm_out"] = output if isinstance(output, torch.Tensor) else None
+
+        def check(name, x, _batch):
+            ref = seen["norm_out"]
+            if ref is None or ref.shape[-1] != x.shape[-1] or not torch.equal(ref.reshape(-1, ref.shape[-1]), x):
+                seen["feeds_head"] = False
+            seen["norm_out"] = None
+
+        run.tail_pass({head_name: head}, [check, *hooks], observe=False, extra_hooks=[(norm, norm_out)])
+        record: Dict[str, Any] = {"group": "head", "prev": norm_name, "consumers": [head_name]}
+        weight = None
+        work = copy.deepcopy(norm)
+        if not seen["feeds_head"]:
+            record.update(status="skipped", reason=f"{norm_name}'s output is not exactly {head_name}'s input")
+        elif head_name not in absmax.values:
+            record.update(status="skipped", reason=f"{head_name} received no input")
+        else:
+            model_type = getattr(getattr(run.model, "config", None), "model_type", "") or ""
+            offset = next((g.norm_offset for g in groups_for(model_type) if g.prev.endswith("norm")), 0.0)
+            rounded = any(head_name in step.module_names(run) for step in run.steps if step is not self)
+            with torch.no_grad():
+                weight, scales, record = self.head_fn(
+                    work, head, run.plan[head_name], absmax.values[head_name], opts, norm_offset=offset,
+                    inputs=None if sampler is None else sampler.samples().get(head_name), names=(norm_name, head_name),
+                    tied=any(e.tied_to == head_name for e in run.plan), gptq=rounded)
+        self.records[f"{norm_name} -> {head_name}"] = {"layer": norm_name, "groups": [record]}
+        if weight is None:
+            return []
+        run.weights[head_name] = weight
+        inverse = (1.0 / scales.double()).tolist()
+        for e in run.plan:  # the embedding shares the head's integers (W * s): its lookups are divided by s
+            if e.tied_to == head_name:
+                run.plan_updates.append((e, inverse))
+        return [(p, w) for p, w in zip(list(norm.parameters()) + list(norm.buffers()),
+                                       list(work.parameters()) + list(work.buffers()))
+                if p.shape == w.shape and not torch.equal(p, w)]

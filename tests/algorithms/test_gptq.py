@@ -7,7 +7,7 @@ import torch
 
 from hfptq.algorithms import validate_options
 from hfptq.algorithms.gptq import GPTQResult, HessianAccumulator, gptq_quantize, rtn_quantize, weight_qparams
-from hfptq.errors import ConfigError
+from hfptq.errors import CalibrationError, ConfigError
 from hfptq.quant.linear import QuantLinear
 from hfptq.quant.qparams import qrange
 
@@ -28,9 +28,9 @@ def _weight(out=48, d=64, seed=1):
 
 
 def _hessian(x):
-    acc = HessianAccumulator(x.shape[1])
-    acc.add(x)
-    return acc.hessian
+    acc = HessianAccumulator()
+    acc("x", x)
+    return acc.hessian("x")
 
 
 def _output_error(x, w, q):
@@ -42,14 +42,18 @@ def _output_error(x, w, q):
 
 def test_hessian_accumulator_equals_batch_formula():
     x = _correlated(300, 16)
-    acc = HessianAccumulator(16, dtype=torch.float64)
-    for chunk in (x[:7], x[7:100].reshape(3, 31, 16), x[100:]):
-        acc.add(chunk)
+    acc = HessianAccumulator()
+    for batch, chunk in enumerate((x[:7], x[7:100].reshape(3, 31, 16), x[100:])):
+        acc("fc", chunk, batch)
     expected = 2.0 / 300 * x.double().t() @ x.double()
-    assert acc.num_samples == 300
-    torch.testing.assert_close(acc.hessian, expected, rtol=1e-10, atol=1e-10)
-    with pytest.raises(ValueError, match="width"):
-        acc.add(torch.zeros(2, 5))
+    assert acc.counts["fc"] == 300
+    # float32 sums of 300 products: relative error ~ 300 * 2**-24 of the largest entries
+    torch.testing.assert_close(acc.hessian("fc").double(), expected, rtol=3e-5, atol=3e-5 * float(expected.abs().max()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the Gram product stays float32 under autocast
+        acc("fc", x[:1], 3)
+    assert acc.sums["fc"].dtype == torch.float32
+    with pytest.raises(CalibrationError, match="width"):
+        acc("fc", torch.zeros(2, 5), 4)
 
 
 # ------------------------------------------------------------------ grid and layout

@@ -11,15 +11,16 @@ from torch import nn
 
 from hfptq import HfPtqConfig, resolve_plan
 from hfptq.algorithms import validate_options
+from hfptq.algorithms.base import ChannelAbsMax
 from hfptq.algorithms.smoothquant import (
     SMOOTH_TABLE,
-    collect_activation_stats,
-    find_decoder_layers,
+    InputSampler,
     groups_for,
     smooth_layer,
-    smooth_model,
     smoothing_scales,
+    summarize,
 )
+from hfptq.architectures import find_decoder_layers
 from hfptq.quant.linear import QuantLinear
 from hfptq.quant.qparams import dequantize_weight, quantize_weight
 from hfptq.errors import ConfigError, ConfigTypeError
@@ -32,6 +33,36 @@ ALL_W8A8 = dict(scheme={"attention": "int8", "ffn": "int8", "lm_head": "skip"})
 def _logits(model, batches):
     with torch.no_grad():
         return torch.cat([model(input_ids=b).logits for b in batches])
+
+
+@torch.no_grad()
+def collect_activation_stats(model, names, batches, sample_rows=0):
+    """Per-channel max |x| (and up to ``sample_rows`` sample rows) of the inputs of ``names`` in the
+    float model, from whole-model forwards (the calibration engine collects them layer by layer)."""
+    absmax, sampler = ChannelAbsMax(names), InputSampler(sample_rows) if sample_rows else None
+    hooks = [absmax] + ([sampler] if sampler else [])
+
+    def feed(name, x):
+        for hook in hooks:
+            hook(name, x.reshape(-1, x.shape[-1]), 0)
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, args, _n=n: feed(_n, args[0]))
+               for n in names]
+    try:
+        for batch in batches:
+            model(input_ids=batch if batch.dim() == 2 else batch.unsqueeze(0))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return absmax.values, (sampler.samples() if sampler else {})
+
+
+def smooth_model(model, plan, absmax, options, inputs=None):
+    """:func:`smooth_layer` on every decoder layer of ``model`` in place, statistics given."""
+    name, layers = find_decoder_layers(model)
+    records = [smooth_layer(layer, f"{name}.{i}", plan, absmax, options, model.config, inputs=inputs)
+               for i, layer in enumerate(layers)]
+    return summarize(records, validate_options("smoothquant", options))
 
 
 def _stats(model, plan, batches, rows=0):
@@ -83,7 +114,7 @@ def test_smoothing_leaves_the_float_model_unchanged(arch, token_batches):
     absmax, _ = _stats(model, plan, token_batches)
     weights_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     info = smooth_model(model, plan, absmax, {"alpha": 0.5})
-    n_layers = len(find_decoder_layers(model))
+    n_layers = len(find_decoder_layers(model)[1])
     assert info["groups_smoothed"] == len(SMOOTH_TABLE[arch]) * n_layers, info
     # the weights really moved (a no-op would pass the equivalence check trivially)
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, weights_before[n])]
