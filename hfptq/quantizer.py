@@ -28,17 +28,30 @@ class HfPtqQuantizer(HfQuantizer):
         self._dtype: Optional[torch.dtype] = None
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        pass
+        from .offload import check_device_map
+
+        # called again with the resolved device_map before any weight is read (issue 21)
+        check_device_map(kwargs.get("device_map"), pre_quantized=self.pre_quantized)
 
     def update_dtype(self, dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
         self._dtype = dtype
         return dtype
 
     def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
-        return False
+        # quantize-while-loading (hfptq.offload): planned float weights go through get_quantize_ops
+        stream = getattr(self, "_hfptq_stream", None)
+        return stream is not None and param_name in stream.entries
+
+    def get_quantize_ops(self):
+        from .offload import QuantizeOnLoad
+
+        return QuantizeOnLoad(self._hfptq_stream)
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any) -> None:
         if not self.pre_quantized:
+            from .offload import prepare_streaming
+
+            self._hfptq_stream = prepare_streaming(model, self.quantization_config, self._dtype)
             return
         from .checkpoint import prepare_reload
 
@@ -50,6 +63,13 @@ class HfPtqQuantizer(HfQuantizer):
 
         if self.pre_quantized:
             finish_reload(model, self.quantization_config)
+            return
+        stream = getattr(self, "_hfptq_stream", None)
+        if stream is not None:
+            from .offload import finish_streaming
+
+            self._hfptq_stream = None
+            finish_streaming(model, stream)
             return
         from .api import quantize_model
 

@@ -1,0 +1,159 @@
+"""Models larger than memory (issue 21 B): quantize while loading, and offloading device maps."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hfptq
+from hfptq import HfPtqConfig, HfPtqError
+from hfptq.offload import ENV_SWITCH, OffloadError, QuantizeOnLoad, streaming_blocker
+from hfptq.quant.linear import FloatLinear, QuantLinear
+
+from .tiny import tiny_llama_dir
+
+
+@pytest.fixture(scope="module")
+def untied_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with an untied LM head, saved in bfloat16 in 3 shards."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_llama_dir(tmp_path_factory.mktemp("untied"), tie=False, layers=3)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="60KB")
+    assert len(list(folder.glob("*.safetensors"))) >= 3
+    return folder
+
+
+def _load(folder, config=None, **kw):
+    from transformers import AutoModelForCausalLM
+
+    if config is not None:
+        kw["quantization_config"] = config
+    return AutoModelForCausalLM.from_pretrained(folder, **kw).eval()
+
+
+def _ids(model):
+    return torch.arange(4, 4 + 24).remainder(model.config.vocab_size).view(2, 12)
+
+
+CONFIGS = {
+    "default": lambda: HfPtqConfig(),
+    "int4-asym": lambda: HfPtqConfig(weights={"bits": 4, "symmetric": False, "group_size": 32}, activations="none"),
+    "int8-everything": lambda: HfPtqConfig(scheme={"attention": "int8"}, activations="none"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("chunk", [None, 200], ids=["whole", "row-blocks"])
+def test_quantize_while_loading_is_bit_identical_to_quantizing_the_loaded_model(untied_dir, name, dtype, chunk,
+                                                                                 monkeypatch):
+    if chunk is not None:  # weights quantized in blocks of 200 // in_features rows (3 rows of 64 inputs)
+        monkeypatch.setattr("hfptq.offload.CHUNK_ELEMENTS", chunk)
+    streamed = _load(untied_dir, CONFIGS[name](), dtype=dtype)
+    assert streamed.hfptq_streamed, "this plan needs no calibration: it must be quantized while loading"
+    float_model = _load(untied_dir, dtype=dtype)
+    reference = hfptq.quantize_model(float_model, CONFIGS[name](), progress=False)
+    assert streamed.hfptq_plan.to_dict() == reference.hfptq_plan.to_dict()
+    ref_state = reference.state_dict()
+    state = streamed.state_dict()
+    assert state.keys() == ref_state.keys()  # no leftover placeholder, nothing missing
+    for key, tensor in state.items():
+        assert tensor.device.type == "cpu", key
+        assert tensor.dtype == ref_state[key].dtype and torch.equal(tensor, ref_state[key]), key
+    with torch.no_grad():
+        assert torch.equal(streamed(_ids(streamed)).logits, reference(_ids(reference)).logits)
+    assert hfptq.summary(streamed) == hfptq.summary(reference)  # float bytes estimated exactly
+    kinds = {type(m) for m in streamed.modules()}
+    assert QuantLinear in kinds
+
+
+def test_streamed_model_saves_and_reloads_identically(untied_dir, tmp_path):
+    model = _load(untied_dir, HfPtqConfig(), dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "q")
+    again = _load(tmp_path / "q", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(model(_ids(model)).logits, again(_ids(again)).logits)
+
+
+def test_plans_needing_calibration_or_embedding_changes_load_in_float_first(untied_dir, tmp_path, monkeypatch):
+    tied = tiny_llama_dir(tmp_path / "tied", tie=True)
+    model = _load(tied, HfPtqConfig())  # the tied embedding reads the LM head's integers: after loading
+    assert not getattr(model, "hfptq_streamed", False)
+    assert isinstance(model.lm_head, QuantLinear)
+    rotated = HfPtqConfig(activations={"mode": "none", "rotation": 16})
+    assert "rotation" in streaming_blocker(rotated, hfptq.resolve_plan(_load(untied_dir), rotated))
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    model = _load(untied_dir, HfPtqConfig())
+    assert not getattr(model, "hfptq_streamed", False) and isinstance(model.lm_head, QuantLinear)
+
+
+def test_the_op_releases_the_mapped_pages_of_each_weight(untied_dir):
+    """After quantizing a weight read from the memory-mapped file, its pages leave the resident set."""
+    from safetensors import safe_open
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("mincore-free check via /proc needs Linux")
+    from hfptq.offload import _release_pages
+
+    big = untied_dir / "big.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(1024, 1024)}, str(big))  # 4 MiB = 1024 pages
+    with safe_open(str(big), framework="pt", backend="mmap") as f:
+        tensor = f.get_slice("w")[...]
+        if tensor.untyped_storage().resizable():
+            pytest.skip("this safetensors copies instead of mapping")
+        before = _rss_file_kb()
+        assert float(tensor.sum()) == 1024 * 1024  # touches every page
+        touched = _rss_file_kb()
+        _release_pages(tensor)
+        released = _rss_file_kb()
+        assert touched - before >= 3 * 1024  # the 4 MiB became resident
+        assert touched - released >= 3 * 1024  # and left again
+        assert float(tensor.sum()) == 1024 * 1024  # still readable: the file is read again
+
+
+def _rss_file_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile")
+
+
+# ------------------------------------------------------------------------------------------------
+# Device maps
+# ------------------------------------------------------------------------------------------------
+
+
+def test_disk_offload_while_quantizing_is_refused_before_loading(untied_dir, tmp_path):
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    for config in (HfPtqConfig(), HfPtqConfig(activations="static", calibration={"dataset": "wikitext-2", "num_samples": 2})):
+        with pytest.raises(OffloadError) as err:
+            _load(untied_dir, config, device_map=device_map, offload_folder=str(tmp_path / "off"))
+        assert isinstance(err.value, HfPtqError) and err.value.key == "device_map"
+        assert "model.layers.1" in str(err.value) and "save_pretrained" in str(err.value)
+    assert not any((tmp_path / "off").glob("*")) if (tmp_path / "off").exists() else True
+
+
+def test_max_memory_that_forces_disk_offload_is_refused(untied_dir, tmp_path):
+    with pytest.raises(OffloadError, match="disk"):
+        _load(untied_dir, HfPtqConfig(), device_map="auto", max_memory={"cpu": 30_000},
+              offload_folder=str(tmp_path / "off"))
+
+
+def test_quantized_checkpoint_reloads_with_disk_offload(untied_dir, tmp_path):
+    """The workflow the error message proposes: quantize without offload, save, reload offloaded."""
+    model = _load(untied_dir, HfPtqConfig(), dtype=torch.float32)
+    model.save_pretrained(tmp_path / "q")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    offloaded = _load(tmp_path / "q", device_map=device_map, offload_folder=str(tmp_path / "off"))
+    with torch.no_grad():
+        assert torch.equal(model(_ids(model)).logits, offloaded(_ids(offloaded)).logits)
