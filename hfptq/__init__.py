@@ -22,6 +22,7 @@ from .errors import (
     RecipeError,
 )
 from .plan import Plan, resolve_plan
+from .export import export_compressed_tensors
 from .quantizer import HfPtqQuantizer, register
 
 __version__ = "0.1.0"
@@ -38,6 +39,7 @@ __all__ = [
     "summary",
     "mark_quantized",
     "verify_checkpoint",
+    "export_compressed_tensors",
     "HfPtqError",
     "ConfigError",
     "ConfigTypeError",

@@ -294,12 +294,15 @@ def card_metadata(model: nn.Module) -> Dict[str, Any]:
 
 
 def render_model_card(model: nn.Module, *, load_from: Optional[str] = None,
-                      checkpoint_dir: Optional[Union[str, os.PathLike]] = None) -> str:
+                      checkpoint_dir: Optional[Union[str, os.PathLike]] = None,
+                      export: Optional[Mapping[str, Any]] = None) -> str:
     """The model card (Markdown with YAML front matter) of an hfptq-quantized model.
 
     Args:
         load_from: the Hub repo id or path shown in the loading snippet; defaults to the folder name.
         checkpoint_dir: the saved folder, to report the size of its safetensors files.
+        export: for an export to another format (:func:`hfptq.export_compressed_tensors`), its
+            ``ExportResult.to_dict()``: the card then says which engines serve the checkpoint.
 
     Example:
         >>> print(render_model_card(model, load_from="me/gemma-3-270m-hfptq"))   # doctest: +SKIP
@@ -349,6 +352,8 @@ def render_model_card(model: nn.Module, *, load_from: Optional[str] = None,
                   f"same model as an FP32 checkpoint ({_fmt_bytes(fp32)}, computed from the parameter count).", ""]
 
     auto = _auto_class(model)
+    if export is not None:
+        return "\n".join(lines + _export_load_lines(export, auto, source) + [CARD_END, ""])
     lines += [
         "## How to load", "",
         "```bash", "pip install hfptq", "```", "",
@@ -363,6 +368,31 @@ def render_model_card(model: nn.Module, *, load_from: Optional[str] = None,
         CARD_END, "",
     ]
     return "\n".join(lines)
+
+
+def _export_load_lines(export: Mapping[str, Any], auto: str, source: str) -> List[str]:
+    """"How to load" of a compressed-tensors export: the engines that serve it, no hfptq needed."""
+    lines = ["## Format and serving", "",
+             f"Exported by hfptq in the **{export.get('format')}** format: loading it does not need hfptq. "
+             "Engines that can serve it: " + ", ".join(export.get("engines") or []) + ".", ""]
+    for note in export.get("vllm_notes") or []:
+        lines.append(f"- vLLM caveat: {note}.")
+    if export.get("untied"):
+        lines.append(f"- {', '.join(export['untied'])}: untied from the quantized LM head and stored as a float table "
+                     f"(+{_fmt_bytes(export.get('untie_bytes'))}).")
+    for deviation in export.get("deviations") or []:
+        lines.append(f"- Not exact in this format (exported on request): {deviation}")
+    measured = export.get("measured")
+    if measured:
+        lines.append(f"- Measured after reloading with stock Transformers: max |logit difference| "
+                     f"{measured['max_abs_logit_diff']:.3g}, argmax agreement {100 * measured['argmax_agreement']:.1f}% "
+                     f"({measured['tokens']} tokens).")
+    if lines[-1] != "":
+        lines.append("")
+    lines += ["```bash", "pip install transformers compressed-tensors", "```", "", "```python",
+              f"from transformers import {auto}", "", f'model = {auto}.from_pretrained("{source}")', "```", "",
+              "```bash", f"vllm serve {source}", "```", ""]
+    return lines
 
 
 def _split_front_matter(text: str) -> Tuple[Dict[str, Any], str]:
@@ -413,7 +443,8 @@ def merge_model_card(existing: Optional[str], card: str) -> str:
 
 
 def write_model_card(folder: Union[str, os.PathLike], model: nn.Module, *,
-                     existing: Optional[Union[str, os.PathLike]] = None, load_from: Optional[str] = None) -> Path:
+                     existing: Optional[Union[str, os.PathLike]] = None, load_from: Optional[str] = None,
+                     export: Optional[Mapping[str, Any]] = None) -> Path:
     """Write ``README.md`` into ``folder``, merged with the card at ``existing`` (see :func:`merge_model_card`).
 
     Example:
@@ -423,7 +454,7 @@ def write_model_card(folder: Union[str, os.PathLike], model: nn.Module, *,
     from .checkpoint import CARD_FILENAME
 
     folder = Path(folder)
-    card = render_model_card(model, load_from=load_from, checkpoint_dir=folder)
+    card = render_model_card(model, load_from=load_from, checkpoint_dir=folder, export=export)
     old = None
     if existing is not None and Path(existing).is_file():
         old = Path(existing).read_text(encoding="utf-8")

@@ -483,11 +483,19 @@ def save_quantized(model: nn.Module, save_directory: Union[str, os.PathLike], *,
         CheckpointError: writing failed (the target folder was left unchanged), or moving the
             finished files in failed midway (the target then has no ``config.json`` and does not load).
 
+    ``format="compressed-tensors"`` writes a checkpoint that loads without hfptq instead (see
+    :func:`hfptq.export_compressed_tensors`; ``allow_deviation=True`` is passed on).
+
     Example:
         >>> model.save_pretrained("out/gemma-int8", max_shard_size="200MB")   # doctest: +SKIP
     """
     from transformers import PreTrainedModel
 
+    export_format = kwargs.pop("format", None)
+    if export_format not in (None, "hfptq") and is_main_process:
+        from .export import export_model  # e.g. format="compressed-tensors"
+
+        return export_model(model, save_directory, export_format, push_to_hub=push_to_hub, **kwargs)
     original = PreTrainedModel.save_pretrained
     if token is not None:
         kwargs["token"] = token

@@ -1,0 +1,272 @@
+"""``save_pretrained(dir, format="compressed-tensors")``: reloaded by stock Transformers without hfptq.
+
+Every exportable plan is quantized on a tiny random Llama (tied embeddings, float32), exported,
+and reloaded in a fresh interpreter that never imports hfptq (``compressed-tensors`` installed).
+That interpreter records, for every module of a config group, its input, the dequantized weight
+it holds, what compressed-tensors' own code makes of the input (``forward_quantize``) and its
+output, plus the logits. This process then checks, with bounds from the arithmetic:
+
+1. **weights**: the reloaded dequantized weight equals hfptq's ``scale * (q - z)`` bit for bit
+   (same integers and scales on disk; both compute one float32 product per element);
+2. **activations**: compressed-tensors' quantized input equals hfptq's on the same input, except
+   where ``x / s`` lies within float32 rounding of a rounding tie (compressed-tensors rounds
+   ``x / s + z``, hfptq ``round(x / s) + z``: the float sum can land on the other side of .5);
+3. **module outputs**: on rows without such a tie, |hfptq - reloaded| <= (K + 2) u (|x_dq| |W_dq|^T + |b|)
+   with u = 2^-24, K = in_features: the float32 dot-product error bound of the reloaded
+   ``F.linear`` (hfptq's int32 accumulation is exact) plus the rounding of the two rescales;
+4. **logits**: when no tie occurred anywhere, max |diff| <= 1e-4 max |logit| (every matmul differs
+   by at most ~K u = 8e-6 relative, a few dozen matmuls and norms compound it well below 1e-4).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hfptq
+from hfptq.export import ExportError, check_compressed_tensors_exportable, export_compressed_tensors
+from hfptq.export.compressed_tensors import pack_int32
+from hfptq.quant.linear import FloatLinear, QuantLinear
+from hfptq.quant.qparams import dequantize, quantize, quantize_per_token
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny import tiny_llama_dir  # noqa: E402
+
+compressed_tensors = pytest.importorskip("compressed_tensors")
+
+U = 2.0 ** -24
+SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
+
+
+@pytest.fixture(scope="module")
+def float_dir(tmp_path_factory):
+    return tiny_llama_dir(tmp_path_factory.mktemp("ct") / "tiny-llama", tie=True, layers=2)
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ct-calib") / "calib.txt"
+    if SHARED_TEXT.exists():
+        text = SHARED_TEXT.read_text(encoding="utf-8")[:40_000]
+    else:
+        text = "\n".join(f"the city of {i} was one of the first in the world ." for i in range(400))
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _calibration(calib_file):
+    return dict(dataset="text", data_files=str(calib_file), split="train", text_column="text", num_samples=4,
+                seq_len=64, batch_size=2, seed=0)
+
+
+def _plans(calib_file):
+    calib = _calibration(calib_file)
+    return {
+        # the default plan: FFN + LM head W8A8 dynamic per token (asymmetric), attention FP16, tied embedding
+        "default": dict(),
+        # every linear W8A8, SmoothQuant folded into norms/weights, GPTQ-compensated integers
+        "all-w8a8-sq-gptq": dict(scheme={"attention": "int8", "ffn": "int8", "lm_head": "int8"},
+                                 smoothquant={"alpha": 0.5}, gptq={"block_size": 32}, calibration=calib),
+        # static per-tensor asymmetric activations (calibrated), one module with per-tensor weights
+        "static-asym": dict(activations={"mode": "static", "symmetric": False}, calibration=calib,
+                            rules=[{"targets": "down_proj", "precision": "int8", "weights": {"granularity": "tensor"}}]),
+        "w8a16": dict(activations="none"),
+        "w4a16-g32": dict(weights={"bits": 4, "granularity": "group", "group_size": 32}, activations="none"),
+    }
+
+
+def _quantize(float_dir, **kwargs):
+    config = hfptq.HfPtqConfig(compute_dtype="float32", **kwargs)
+    return AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=config, dtype=torch.float32).eval()
+
+
+_STOCK_SCRIPT = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+folders = json.loads(sys.argv[1])
+for folder in folders:
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.load(folder + "/ids.pt")
+    record = {}
+    def hook(name):
+        def fn(module, args, output):
+            if name in record:
+                return
+            x = args[0].detach()
+            scheme = module.quantization_scheme
+            xq = forward_quantize(module, x, "input", scheme.input_activations) if scheme.input_activations else x
+            record[name] = {"x": x, "x_qdq": xq, "weight": module.weight.detach().clone(), "y": output.detach()}
+        return fn
+    for name, module in model.named_modules():
+        if getattr(module, "quantization_scheme", None) is not None:
+            module.register_forward_hook(hook(name))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    floats = {n: m.weight.detach().clone() for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and getattr(m, "quantization_scheme", None) is None}
+    torch.save({"logits": logits, "modules": record, "floats": floats,
+                "embed": model.get_input_embeddings().weight.detach().clone(),
+                "tied": model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr(),
+                "hfptq_imported": "hfptq" in sys.modules}, folder + "/stock.pt")
+"""
+
+
+def _run_stock(folders):
+    """Reload each folder with stock Transformers in a fresh interpreter that never imports hfptq."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH="")
+    proc = subprocess.run([sys.executable, "-c", _STOCK_SCRIPT, json.dumps([str(f) for f in folders])],
+                          capture_output=True, text=True, env=env, cwd=str(folders[0].parent), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [torch.load(Path(f) / "stock.pt") for f in folders]
+
+
+def _hfptq_qdq(module: QuantLinear, x: torch.Tensor):
+    """hfptq's quantize-dequantize of a module input, and x / scale (to locate rounding ties)."""
+    xf = x.float()
+    if module.act_mode == "dynamic":
+        q, s, z = quantize_per_token(xf, module.act_bits, module.act_symmetric)
+    else:
+        s, z = module.input_scale, module.input_zero_point
+        q = quantize(xf, s, z, module.act_bits, module.act_symmetric)
+    return dequantize(q, s, z), xf / s
+
+
+def _check_module(name, module, rec):
+    """Checks 1-3 of the module docstring; returns the number of tie flips."""
+    # 1. weights bit for bit
+    assert torch.equal(rec["weight"], module.dequantized_weight(torch.float32)), name
+    x = rec["x"]
+    w = rec["weight"]
+    flips_rows = torch.zeros(x.shape[:-1], dtype=torch.bool)
+    flips = 0
+    if module.act_mode != "none":
+        ours, t = _hfptq_qdq(module, x)
+        differ = ours != rec["x_qdq"]
+        flips = int(differ.sum())
+        if flips:
+            # 2. only at float32 rounding distance of a .5 tie
+            frac = (t - torch.floor(t))[differ]
+            assert torch.all((frac - 0.5).abs() <= 8 * U * (t[differ].abs() + 256)), (name, frac)
+            assert flips <= max(2, x.numel() // 1000), (name, flips)
+            flips_rows = differ.any(dim=-1)
+        x_dq = rec["x_qdq"]
+    else:
+        x_dq = x
+    # 3. module output on the same input
+    with torch.no_grad():
+        ours_y = module(x)
+    k = module.in_features
+    bound = (k + 2) * U * (x_dq.abs() @ w.abs().t() + (0 if module.bias is None else module.bias.abs()))
+    ok = (ours_y - rec["y"]).abs() <= bound + 1e-30
+    assert torch.all(ok[~flips_rows]), (name, float(((ours_y - rec["y"]).abs() - bound)[~flips_rows].max()))
+    return flips
+
+
+def test_every_exportable_plan_reloads_without_hfptq(float_dir, calib_file, tmp_path):
+    plans = _plans(calib_file)
+    vocab = json.loads((float_dir / "config.json").read_text())["vocab_size"]
+    ids = torch.randint(4, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
+    models, folders = {}, []
+    for name, kwargs in plans.items():
+        model = _quantize(float_dir, **kwargs)
+        assert check_compressed_tensors_exportable(model) == [], name
+        folder = tmp_path / name
+        model.save_pretrained(folder, format="compressed-tensors")
+        torch.save(ids, folder / "ids.pt")
+        models[name] = model
+        folders.append(folder)
+    results = _run_stock(folders)
+    for (name, model), folder, stock in zip(models.items(), folders, results):
+        assert stock["hfptq_imported"] is False
+        cfg = json.loads((folder / "config.json").read_text())
+        qc = cfg["quantization_config"]
+        assert qc["quant_method"] == "compressed-tensors" and cfg["tie_word_embeddings"] is False
+        # every planned int module is in exactly one config group; every float linear is ignored
+        targets = [t for g in qc["config_groups"].values() for t in g["targets"]]
+        quantized = {e.name for e in model.hfptq_plan if e.quantized and e.kind != "embedding"}
+        assert sorted(targets) == sorted(quantized) == sorted(stock["modules"]), name
+        assert set(qc["ignore"]) == {e.name for e in model.hfptq_plan if not e.quantized and e.kind != "embedding"}
+        assert not stock["tied"]
+        # the untied embedding holds the values hfptq's int8 lookup returns
+        emb = model.get_input_embeddings()
+        assert torch.equal(stock["embed"], emb(torch.arange(emb.num_embeddings)).float()), name
+        for fname, weight in stock["floats"].items():
+            module = model.get_submodule(fname)
+            assert isinstance(module, FloatLinear) and torch.equal(weight, module.weight.float()), fname
+        flips = sum(_check_module(m, model.get_submodule(m), rec) for m, rec in stock["modules"].items())
+        with torch.no_grad():
+            ours = model(input_ids=ids).logits
+        diff = float((ours - stock["logits"]).abs().max())
+        if flips == 0:
+            assert diff <= 1e-4 * float(ours.abs().max()), (name, diff)
+        assert (folder / "README.md").read_text().count("vLLM") >= 1
+        assert not list(tmp_path.glob(".*hfptq-partial*"))
+
+
+def test_rotated_plan_is_refused_even_with_allow_deviation(float_dir, tmp_path):
+    # the default recipe's shape: down_proj's input rotated in Hadamard blocks
+    model = _quantize(float_dir, rules=[{"targets": "down_proj", "precision": "int8",
+                                         "activations": {"mode": "dynamic", "symmetric": False, "rotation": 32}}])
+    for allow in (False, True):
+        with pytest.raises(ExportError) as info:
+            export_compressed_tensors(model, tmp_path / "rot", allow_deviation=allow)
+        message = str(info.value)
+        assert "model.layers.0.mlp.down_proj" in message and "without activations.rotation" in message
+        assert "transform_config" in message
+    assert not (tmp_path / "rot").exists() and not list(tmp_path.iterdir())
+
+
+def test_asymmetric_int4_weights_refused_with_nearest_plan(float_dir, tmp_path):
+    model = _quantize(float_dir, weights={"bits": 4, "granularity": "group", "group_size": 32, "symmetric": False},
+                      activations="none")
+    with pytest.raises(ExportError) as info:
+        model.save_pretrained(tmp_path / "int4", format="compressed-tensors", allow_deviation=True)
+    assert "model.layers.0.mlp.gate_proj" in str(info.value) and "'symmetric': True" in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_symmetric_activations_refused_then_exported_with_measured_deviation(float_dir, tmp_path, capsys):
+    model = _quantize(float_dir, activations={"mode": "dynamic", "symmetric": True})
+    with pytest.raises(ExportError) as info:
+        model.save_pretrained(tmp_path / "sym", format="compressed-tensors")
+    message = str(info.value)
+    assert "127.5" in message and "symmetric: false" in message and "allow_deviation" in message
+    assert not (tmp_path / "sym").exists()
+    result = export_compressed_tensors(model, tmp_path / "sym", allow_deviation=True)
+    printed = capsys.readouterr().out
+    assert "max |logit diff|" in printed and result.measured is not None
+    # the integers differ (127 vs 127.5 levels), so the logits do too, but it is the same quantized model
+    assert 0 < result.measured["max_abs_logit_diff"] < 0.5 and result.measured["argmax_agreement"] > 0.5
+    assert "Not exact in this format" in (tmp_path / "sym" / "README.md").read_text()
+
+
+def test_export_needs_an_hfptq_model_and_a_known_format(float_dir, tmp_path):
+    plain = AutoModelForCausalLM.from_pretrained(float_dir)
+    with pytest.raises(ExportError, match="hfptq_plan"):
+        export_compressed_tensors(plain, tmp_path / "x")
+    model = _quantize(float_dir, activations="none")
+    with pytest.raises(ExportError, match="format='gguf'"):
+        model.save_pretrained(tmp_path / "y", format="gguf")
+    with pytest.raises(ExportError, match="upload_folder"):
+        model.save_pretrained(tmp_path / "z", format="compressed-tensors", push_to_hub=True)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_int32_matches_compressed_tensors(bits):
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    values = torch.randint(lo, hi + 1, (5, 40), generator=torch.Generator().manual_seed(bits), dtype=torch.int8)
+    values[0, :2] = torch.tensor([lo, hi], dtype=torch.int8)
+    assert torch.equal(pack_int32(values, bits), pack_to_int32(values, bits))
