@@ -16,6 +16,9 @@ What is measured
                         LM head W8A8 (int8 per-channel weights, dynamic per-token int8
                         activations; ``torch._int_mm``, FBGEMM for up to 32 rows such as a
                         decode step), tied embedding reads the LM head's int8
+  hfptq-recipe          the plan of ``recipes/default.yaml`` (``HfPtqConfig()`` plus ``down_proj``'s
+                        input rotated in Hadamard blocks of 128), without its SmoothQuant step
+                        (which only rescales weights and norms: same kernels, no calibration run)
   hfptq-default-bf16    the same plan on a model loaded in bfloat16 (norms, attention scores and
                         activations between layers in bfloat16)
   hfptq-int8            ``HfPtqConfig(scheme={"attention": "int8"})``: every linear W8A8
@@ -23,6 +26,14 @@ What is measured
   torchao-int8dq        torchao ``Int8DynamicActivationInt8WeightConfig`` (only if installed)
   quanto-w8a8           optimum-quanto ``qint8`` weights + activations (only if installed)
   ====================  =======================================================================
+
+  The kernels each hfptq module runs depend on the CPU (``hfptq.quant.backends``); the JSON records
+  the CPU flags, torch's capability, hfptq's view of the features (``HFPTQ_CPU_FEATURES`` may
+  override it), the emulation variables in the environment and each configuration's backends.
+  AVX2-class run on an AVX-512 machine (see ``benchmarks/README.md``)::
+
+      ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 \
+      MKL_ENABLE_INSTRUCTIONS=AVX2 HFPTQ_CPU_FEATURES=avx2 python benchmarks/speed.py ...
 
 * Prefill: one forward of ``[1, 512]`` and ``[4, 512]`` random token ids keeping only the last
   position's logits (``logits_to_keep=1``, as ``generate`` does).
@@ -86,6 +97,7 @@ CONFIG_HELP = {
     "torch.ao-dynamic": "torch.ao quantize_dynamic (Linear -> qint8)",
     "hfptq-default": "attention FP16, FFN + LM head W8A8",
     "hfptq-default-bf16": "default plan on a bfloat16 model",
+    "hfptq-recipe": "recipes/default.yaml's plan (rotated down_proj input), no SmoothQuant",
     "hfptq-int8": "all linears W8A8",
     "hfptq-w8": "int8 weight-only",
     "torchao-int8dq": "torchao int8 dynamic (if installed)",
@@ -112,6 +124,26 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+#: environment variables that restrict the instruction sets torch's libraries use (AVX2 emulation)
+EMULATION_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS",
+                  "MKL_ENABLE_INSTRUCTIONS", "HFPTQ_CPU_FEATURES", "HFPTQ_W8A8_BACKEND", "HFPTQ_FBGEMM")
+
+
+def cpu_facts() -> Dict[str, Any]:
+    """CPU flags (/proc/cpuinfo), torch's capability, hfptq's view of the features and the emulation
+    variables set in the environment, for the JSON."""
+    from hfptq.quant import backends
+
+    feats = backends.cpu_features()
+    return {
+        "cpu_flags": sorted(backends._proc_flags()),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "hfptq_cpu_features": feats.describe(),
+        "hfptq_w8a8_backend": str(backends.w8a8_backend()),
+        "emulation_env": {k: os.environ[k] for k in EMULATION_VARS if k in os.environ},
+    }
 
 
 def _installed(module: str) -> bool:
@@ -175,6 +207,10 @@ def build(name: str, path: str, device: torch.device, random_weights: bool) -> t
         config = {
             "hfptq-default": lambda: hfptq.HfPtqConfig(),
             "hfptq-default-bf16": lambda: hfptq.HfPtqConfig(),
+            "hfptq-recipe": lambda: hfptq.HfPtqConfig(
+                activations="dynamic", scheme={"attention": "fp16", "ffn": "int8", "lm_head": "int8"},
+                rules=[{"targets": ["down_proj"], "precision": "int8",
+                        "activations": {"mode": "dynamic", "rotation": 128}}]),
             "hfptq-int8": lambda: hfptq.HfPtqConfig(scheme={"attention": "int8"}),
             "hfptq-w8": lambda: hfptq.HfPtqConfig(activations="none"),
         }[name]()
@@ -486,8 +522,14 @@ def render(result: Dict[str, Any]) -> str:
         f"{args['new_tokens']} new tokens after {args['decode_prompt_len']}, batch 1, greedy, KV cache; "
         f"medians of {args['repeats']} alternating rounds after {args['warmup']} warm-up round(s)",
         "# ratios: prefill time / FP32 time (lower is better); decode speed / FP32 speed (higher is better)",
-        "",
     ]
+    if result.get("hfptq_cpu_features"):
+        emu = result.get("emulation_env") or {}
+        lines.append(f"# hfptq sees {result['hfptq_cpu_features']}; W8A8 route {result.get('hfptq_w8a8_backend')}"
+                     + (f"; EMULATED: {' '.join(f'{k}={v}' for k, v in emu.items())}" if emu else ""))
+    for name, kinds in (result.get("backends") or {}).items():
+        lines.append(f"# {name}: " + "; ".join(f"{k['kind']} x{k['modules']} -> {k['backend']}" for k in kinds))
+    lines.append("")
     has_cpu = bool(cpu)
     on_gpu = args["device"] == "cuda"
     header = ["config", "MiB", "GPU peak MiB" if on_gpu else "RSS MiB", "load s", f"1x{args['prompt_len']} ms @{t}t", f"4x{args['prompt_len']} ms @{t}t",
@@ -611,13 +653,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "torch": torch.__version__,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **cpu_facts(),
         "transformers": transformers.__version__,
         "model": args.model,
         "configs": configs,
         "skipped": skipped,
         "args": vars(args),
     }
+    from hfptq.quant.backends import describe_model
+
+    result["backends"] = {name: describe_model(m) for name, m in models.items() if name.startswith("hfptq-")}
     result["perplexity"] = perplexity_rows(models, args, args.model, device)
     result["wall_phase"] = run_phase(models, args, device, args.threads, "wall")
     if not args.no_cpu_phase and device.type == "cpu":

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .backends import cpu_int_mm_fast, native_bf16
 from .qparams import SCALE_EPS, compute_qparams, dequantize_weight, qrange, unpack_int4
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,9 @@ def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     m, k = a.shape
     n = b_t.shape[0]
     device_type = a.device.type
-    if int_mm_available(device_type):
+    # on CPU torch._int_mm runs oneDNN's int8 GEMM only with AVX512-VNNI, and a scalar loop otherwise
+    # (64x slower than float32 on an AVX2-only CPU): see hfptq.quant.backends
+    if int_mm_available(device_type) and (device_type != "cpu" or cpu_int_mm_fast()):
         if device_type == "cuda" and m <= 16 and k % 8 == 0 and n % 8 == 0:
             padded = torch.zeros(32, k, dtype=a.dtype, device=a.device)
             padded[:m] = a
@@ -217,34 +220,43 @@ def fbgemm_pack(qweight: torch.Tensor):
 
 
 def fbgemm_int8_linear(x_shifted: torch.Tensor, zero_point: int, packed) -> torch.Tensor:
-    """``float32(sum_k (x_q - z) * W)`` for a few rows, exact, from FBGEMM's int8 GEMM.
+    """``float32(sum_k (x_q - z) * W)`` for int8 weights, exact, from FBGEMM's int8 GEMM.
 
     ``x_shifted`` holds ``x_q - z`` as float32 (integers; ``z`` the activation zero point, 0 when
-    symmetric) and ``zero_point`` is ``z + 128``. FBGEMM quantizes its input with scale 1 and that
-    zero point, which gives back ``x_q + 128`` as uint8 exactly (``x_q`` is in ``[-128, 127]``);
-    it accumulates ``(x_q + 128 - (z + 128)) * w`` exactly in int32 and converts the sum to float32
+    symmetric) and ``zero_point`` is ``z + 2**(bits - 1)`` for ``bits``-bit activations (``z + 128``
+    for 8 bits). FBGEMM quantizes its input with scale 1 and that zero point, which gives back
+    ``x_q + 2**(bits - 1)`` as uint8 exactly (``x_q`` is in ``[-2**(bits-1), 2**(bits-1) - 1]``);
+    it accumulates ``(x_q + 2**(bits-1) - zero_point) * w`` in int32 and converts the sum to float32
     with one correctly rounded conversion, multiplied by ``1 * 1``. That is ``acc.to(float32)`` of
-    the reference, bit for bit; :func:`fbgemm_linear_available` verifies it on this machine.
+    the reference, bit for bit, **where FBGEMM's integer sums are exact**: CPUs without VNNI add
+    pairs of uint8 x int8 products in saturating 16-bit arithmetic, exact only for uint8 inputs
+    below 128 (7-bit activations). :func:`fbgemm_linear_available` verifies it on this machine.
     """
     _, op = _fbgemm_ops()
     return op(x_shifted, 1.0, int(zero_point), packed)
 
 
 @functools.lru_cache(maxsize=None)
-def fbgemm_linear_available() -> bool:
-    """Whether the FBGEMM route runs here **and gives the reference integers**.
+def fbgemm_linear_available(bits: int = 8) -> bool:
+    """Whether the FBGEMM route runs here **and gives the reference integers** for ``bits``-bit activations.
 
-    Probed once with random and extreme operands (all ``x_q`` at -128 or 127, every weight at -128
-    or 127: CPUs without VNNI add pairs of products in saturating 16-bit arithmetic, which such
-    inputs would expose), several shapes, with and without an activation zero point. Any
-    difference, missing op or error turns the route off and ``torch._int_mm`` is used instead.
-    ``HFPTQ_FBGEMM=0`` turns it off too.
+    Probed once per ``bits`` with random and extreme operands (every ``x_q`` at the ends of the
+    ``bits``-bit range, every weight at -128 or 127: CPUs without VNNI add pairs of products in
+    saturating 16-bit arithmetic, which such inputs expose for 8-bit activations), several shapes,
+    with and without an activation zero point. Any difference, missing op or error turns the route
+    off. ``HFPTQ_FBGEMM=0`` turns it off too.
+
+    Example:
+        >>> fbgemm_linear_available(7) >= fbgemm_linear_available(8)  # doctest: +SKIP
+        True
     """
     if os.environ.get("HFPTQ_FBGEMM", "1").lower() in ("0", "false", "no"):
         return False
     prepack, op = _fbgemm_ops()
     if prepack is None or op is None or "fbgemm" not in torch.backends.quantized.supported_engines:
         return False
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    offset = 1 << (bits - 1)
     try:
         gen = torch.Generator().manual_seed(0)
         for k, n in ((64, 40), (640, 96), (2048, 24)):
@@ -254,15 +266,16 @@ def fbgemm_linear_available() -> bool:
             ]
             for w in weights:
                 packed = fbgemm_pack(w)
-                for m in (1, 3, 32):
-                    for xq in (torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8),
-                               torch.full((m, k), 127, dtype=torch.int8), torch.full((m, k), -128, dtype=torch.int8),
-                               torch.where(w[:1].expand(m, k) < 0, -128, 127).to(torch.int8)):
-                        for z in (0, -128, 127, 5):
+                for m in (1, 3, 32, 67):
+                    for xq in (torch.randint(lo, hi + 1, (m, k), generator=gen, dtype=torch.int8),
+                               torch.full((m, k), hi, dtype=torch.int8), torch.full((m, k), lo, dtype=torch.int8),
+                               torch.where(w[:1].expand(m, k) < 0, lo, hi).to(torch.int8)):
+                        for z in (0, lo, hi, 5):
                             ref = (xq.to(torch.int64) - z) @ w.to(torch.int64).t()
-                            out = fbgemm_int8_linear(xq.float().sub_(z), z + 128, packed)
+                            out = fbgemm_int8_linear(xq.float().sub_(z), z + offset, packed)
                             if not torch.equal(out, ref.to(torch.int32).to(torch.float32)):
-                                logger.debug("FBGEMM's int8 linear differs from the exact sums here; not used")
+                                logger.debug("FBGEMM's int8 linear differs from the exact sums here for %d-bit "
+                                             "activations; not used", bits)
                                 return False
         return True
     except Exception:  # pragma: no cover - depends on the build
@@ -372,8 +385,17 @@ def _quantize_rows_asym(x: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch
 #: FBGEMM takes one activation zero point per call. With several rows of asymmetric activations it gets
 #: ``z = 0`` and the per-row ``z * rowsum(W)`` is subtracted from its float32 output; that is exact (the
 #: reference's ``float(acc - z * rowsum)``) while every term is an integer of magnitude <= 2**24, which
-#: ``K * 128 * 128 <= 2**24`` guarantees: inputs of at most 1,024 features.
+#: ``K * 128 * 128 <= 2**24`` guarantees: inputs of at most 1,024 features (8-bit activations; see
+#: :func:`fbgemm_row_zero_point_max_k`).
 FBGEMM_ROW_ZERO_POINT_MAX_K = 2**24 // (128 * 128)
+
+
+def fbgemm_row_zero_point_max_k(bits: int = 8) -> int:
+    """Widest input for which :func:`fbgemm_int8_linear`'s float32 sums of ``bits``-bit ``x_q`` (zero point
+    not subtracted) and ``z * rowsum(W)`` are exact integers: ``2**24 / (2**(bits-1) * 128)`` (1,024 for
+    8 bits, 2,048 for 7). Wider inputs are summed in chunks of this width (see
+    :meth:`~hfptq.quant.linear.QuantLinear._forward_int8_fbgemm`)."""
+    return 2**24 // ((1 << (bits - 1)) * 128)
 
 
 def quantize_rows_for_fbgemm(
@@ -383,13 +405,14 @@ def quantize_rows_for_fbgemm(
 
     Returns ``(x_shifted, zero_point, scale [M, 1], row_zero_points)`` with the same ``x_q``, ``z``
     and ``scale`` as :func:`quantize_per_token_fast`, or ``None`` when a row holds NaN or infinity
-    (the caller then takes the general route, whose numbers are the reference's whatever the input):
+    (the caller then takes the general route, whose numbers are the reference's whatever the input).
+    With ``o = 2**(bits - 1)`` (128 for 8 bits):
 
-    * symmetric, any ``M``: ``(x_q, 128, scale, None)``;
-    * asymmetric, one row (decode): ``(x_q - z, z + 128, scale, None)``: FBGEMM's zero point stands
+    * symmetric, any ``M``: ``(x_q, o, scale, None)``;
+    * asymmetric, one row (decode): ``(x_q - z, z + o, scale, None)``: FBGEMM's zero point stands
       for the row's;
-    * asymmetric, several rows: ``(x_q, 128, scale, z [M, 1])``: the caller subtracts ``z * rowsum(W)``
-      (exact for ``K <= FBGEMM_ROW_ZERO_POINT_MAX_K``).
+    * asymmetric, several rows: ``(x_q, o, scale, z [M, 1])``: the caller subtracts ``z * rowsum(W)``
+      (exact for ``K <= fbgemm_row_zero_point_max_k(bits)``).
 
     Why the numbers are the same:
 
@@ -401,17 +424,18 @@ def quantize_rows_for_fbgemm(
       ``clamp(round(x / s) + z, qmin, qmax) - z`` is computed as ``clamp(round(x / s), qmin - z,
       qmax - z)``: the same integers, exactly (small integers in float32).
     """
+    offset = 1 << (bits - 1)
     if symmetric:
         amax = x.abs().amax(dim=-1, keepdim=True)
         if not math.isfinite(float(amax.max() if amax.numel() > 1 else amax)):
             return None
         q, scale = _quantize_rows_sym(x, amax, bits)
-        return q, 128, scale, None
+        return q, offset, scale, None
     if x.shape[0] != 1:
         q, scale, zp = _quantize_rows_asym(x, bits)
         if not math.isfinite(float(scale.sum())):  # NaN or infinity in x makes its row's scale so
             return None
-        return q, 128, scale, zp
+        return q, offset, scale, zp
     lo_t, hi_t = torch.aminmax(x)
     lo, hi = float(lo_t), float(hi_t)  # exact: float32/bfloat16/float16 values
     if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -425,7 +449,7 @@ def quantize_rows_for_fbgemm(
     scale = torch.full((1, 1), float(s), dtype=torch.float32, device=x.device)
     xf, owned = _as_float32(x)
     t = xf.div_(scale) if owned else torch.div(xf, scale)
-    return t.round_().clamp_(qmin - z, qmax - z), z + 128, scale, None
+    return t.round_().clamp_(qmin - z, qmax - z), z + offset, scale, None
 
 
 def quantize_fast(
@@ -680,7 +704,13 @@ def cached_derived(owner: torch.nn.Module, slot: str, source: torch.Tensor, make
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (oneDNN's AVX512-BF16/AMX kernels)."""
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16, see
+    :func:`hfptq.quant.backends.native_bf16`) and oneDNN's bfloat16 kernels are there.
+
+    oneDNN also runs bfloat16 on AVX-512 CPUs without those instructions, by emulation, slower
+    than float32: that does not count."""
+    if not native_bf16():
+        return False
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

@@ -39,9 +39,11 @@ from torch import nn
 
 from ..errors import CalibrationError
 from .rotation import rotate
+from .backends import module_route, native_bf16, warn_once
 from .kernels import (
     FBGEMM_MAX_ROWS,
     FBGEMM_ROW_ZERO_POINT_MAX_K,
+    fbgemm_row_zero_point_max_k,
     cached_cast,
     cached_derived,
     clear_cached,
@@ -80,12 +82,24 @@ def resolve_compute_dtype(setting: str, device: torch.device, storage: torch.dty
     """Compute dtype for float-storage and weight-only modules.
 
     ``"auto"``: on CUDA compute in the storage dtype; on CPU never in float16 (about 200x slower
-    than float32 there), use bfloat16 instead.
+    than float32 there): bfloat16 where the CPU multiplies it natively (AVX512-BF16 / AMX-BF16,
+    see :func:`hfptq.quant.backends.native_bf16`), float32 elsewhere (emulated bfloat16 is 4-8x
+    slower than float32). An explicit ``"bfloat16"`` on a CPU without native bfloat16 is honoured,
+    with a warning (once).
+
+    Example:
+        >>> resolve_compute_dtype("auto", torch.device("cuda"), torch.float16)
+        torch.float16
     """
     if setting != "auto":
-        return getattr(torch, setting)
+        dtype = getattr(torch, setting)
+        if dtype == torch.bfloat16 and device.type == "cpu" and not native_bf16():
+            warn_once("compute-bf16", "compute_dtype='bfloat16' on a CPU without native bfloat16 (no avx512_bf16/"
+                      "amx_bf16): oneDNN emulates it, several times slower than float32; compute_dtype='auto' "
+                      "uses float32 on this CPU")
+        return dtype
     if device.type == "cpu" and storage == torch.float16:
-        return torch.bfloat16
+        return torch.bfloat16 if native_bf16() else torch.float32
     return storage
 
 
@@ -190,7 +204,7 @@ class QuantLinear(_DerivedCaches, nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    _CACHE_SLOTS = ("_hfptq_rowsum", "_hfptq_fbgemm", "_hfptq_rowsum_f32")
+    _CACHE_SLOTS = ("_hfptq_rowsum", "_hfptq_fbgemm", "_hfptq_fbgemm_chunks", "_hfptq_rowsum_f32")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -268,9 +282,9 @@ class QuantLinear(_DerivedCaches, nn.Module):
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         if self.compute_dtype_setting == "auto":
-            # weight-only on CPU: bf16 for half inputs, else the input dtype
-            return torch.bfloat16 if (x.device.type == "cpu" and x.dtype == torch.float16) else x.dtype
-        return getattr(torch, self.compute_dtype_setting)
+            # weight-only on CPU: half inputs compute in bf16 where the CPU has it natively, else fp32
+            return resolve_compute_dtype("auto", x.device, torch.float16) if x.dtype == torch.float16 else x.dtype
+        return resolve_compute_dtype(self.compute_dtype_setting, x.device, x.dtype)
 
     def extra_repr(self) -> str:
         gran = self.weight_granularity if self.weight_granularity != "group" else f"group{self.group_size}"
@@ -324,11 +338,6 @@ class QuantLinear(_DerivedCaches, nn.Module):
         xq = quantize(x2, self.input_scale, zp, self.act_bits, self.act_symmetric)
         return xq, self.input_scale, zp
 
-    def _forward_int8(self, x: torch.Tensor) -> torch.Tensor:
-        if fast_path_enabled():
-            return self._forward_int8_fast(x)
-        return self._forward_int8_reference(x)
-
     def _forward_int8_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The reference W8A8 math, one plain tensor expression per step."""
         shape = x.shape
@@ -351,17 +360,27 @@ class QuantLinear(_DerivedCaches, nn.Module):
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def _forward_int8_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """Bit-identical to :meth:`_forward_int8_reference` with fewer passes and temporaries."""
+        """Bit-identical to :meth:`_forward_int8_reference` with fewer passes and temporaries, on the
+        route :mod:`hfptq.quant.backends` chose for this CPU. The ``fbgemm-a7`` route (CPUs without
+        VNNI whose FBGEMM saturates 8-bit operands) is bit-identical to the reference math with
+        7-bit activations instead (``act_bits=7``)."""
         shape = x.shape
         k = shape[-1]
         rows = x.numel() // k if k else 0
-        if (x.device.type == "cpu" and 0 < rows <= FBGEMM_MAX_ROWS and self.weight_bits == 8
-                and self.weight_zero_point is None and fbgemm_linear_available()
-                and (rows == 1 or self.act_mode == "static" or self.act_symmetric
-                     or k <= FBGEMM_ROW_ZERO_POINT_MAX_K)):
-            y = self._forward_int8_fbgemm(x)
-            if y is not None:
-                return y
+        if x.device.type == "cpu" and rows > 0:
+            route = module_route(self).name
+            if route == "onednn-vnni":
+                if (rows <= FBGEMM_MAX_ROWS and self.weight_bits == 8 and self.weight_zero_point is None
+                        and fbgemm_linear_available()
+                        and (rows == 1 or self.act_mode == "static" or self.act_symmetric
+                             or k <= FBGEMM_ROW_ZERO_POINT_MAX_K)):
+                    y = self._forward_int8_fbgemm(x, self.act_bits)
+                    if y is not None:
+                        return y
+            elif route in ("fbgemm", "fbgemm-a7"):
+                y = self._forward_int8_fbgemm(x, min(self.act_bits, 7) if route == "fbgemm-a7" else self.act_bits)
+                if y is not None:
+                    return y
         if self.act_mode == "dynamic":
             # q/k/v and gate/up receive the same tensor: quantize it once per token, not per module
             bits, sym = self.act_bits, self.act_symmetric
@@ -378,20 +397,24 @@ class QuantLinear(_DerivedCaches, nn.Module):
         y = rescale_int32(acc, xs, self.weight_scale.reshape(1, -1), self.bias, x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
-    def _forward_int8_fbgemm(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """Few rows (decode) through FBGEMM: the same quantized input and integer sums as the reference
-        (see :func:`~hfptq.quant.kernels.fbgemm_int8_linear`), then :func:`rescale_int32`'s steps in place.
-        ``None`` when the input holds NaN or infinity (the caller takes the general route).
+    def _forward_int8_fbgemm(self, x: torch.Tensor, bits: int) -> Optional[torch.Tensor]:
+        """Through FBGEMM with ``bits``-bit activations: the same quantized input and integer sums as the
+        reference with ``act_bits=bits`` (see :func:`~hfptq.quant.kernels.fbgemm_int8_linear`), then
+        :func:`rescale_int32`'s steps in place. ``None`` when the input holds NaN or infinity (the caller
+        takes the general route). Static activations: ``bits`` must be ``act_bits``.
 
         FBGEMM reads int8 weights about twice as fast as ``torch._int_mm`` for one row (Gemma 3's
         262,144 x 640 LM head: 10 ms vs 18 ms at one thread), at the cost of a packed copy of the
-        weight, made on the first call.
+        weight, made on the first call. Several rows of asymmetric activations wider than
+        :func:`~hfptq.quant.kernels.fbgemm_row_zero_point_max_k` are summed in chunks of that width
+        (exact float32 partial sums, added in float64, one rounding to float32 at the end: the
+        reference's ``acc.to(float32)``); those chunks are a second packed copy.
         """
         shape = x.shape
         k = shape[-1]
         x2 = x.reshape(-1, k)
         if self.act_mode == "dynamic":
-            bits, sym = self.act_bits, self.act_symmetric
+            sym = self.act_symmetric
             prepared = prepared_input(("fbgemm", bits, sym), x,
                                       lambda t: quantize_rows_for_fbgemm(t.reshape(-1, k), bits, sym))
             if prepared is None:  # NaN or infinity in the input: the general route
@@ -399,12 +422,15 @@ class QuantLinear(_DerivedCaches, nn.Module):
             xs_shift, z, xs, row_zero_points = prepared
         else:
             xs, xz = self.input_scale, self.input_zero_point
-            xs_shift = quantize_fast(x2, xs, xz, self.act_bits, self.act_symmetric).to(torch.float32)
-            z, row_zero_points = 128, None
+            xs_shift = quantize_fast(x2, xs, xz, bits, self.act_symmetric).to(torch.float32)
+            z, row_zero_points = 1 << (bits - 1), None
             if xz is not None:
                 z0 = int(xz.item())
                 xs_shift.sub_(z0)
                 z += z0
+        width = fbgemm_row_zero_point_max_k(bits)
+        if row_zero_points is not None and k > width:
+            return self._rescale_fbgemm(self._fbgemm_chunked(xs_shift, z, width, row_zero_points), xs, x, shape)
         packed = cached_derived(self, "_hfptq_fbgemm", self.qweight, fbgemm_pack)
         y = fbgemm_int8_linear(xs_shift, z, packed)
         if row_zero_points is not None:
@@ -413,6 +439,25 @@ class QuantLinear(_DerivedCaches, nn.Module):
             rowsum = cached_derived(self, "_hfptq_rowsum_f32", self.qweight,
                                     lambda w: self._weight_rowsum_for(w).to(torch.float32))
             y.addr_(row_zero_points.reshape(-1), rowsum, alpha=-1)
+        return self._rescale_fbgemm(y, xs, x, shape)
+
+    def _fbgemm_chunked(self, xs_shift: torch.Tensor, z: int, width: int, row_zero_points: torch.Tensor) -> torch.Tensor:
+        """``float32(sum_k x_q W - z * rowsum(W))`` for several rows and inputs wider than ``width``: each
+        chunk's FBGEMM sum is an exact float32 integer (``<= 2**24``), float64 adds them and the zero-point
+        term exactly, and the one conversion to float32 rounds the exact integer as the reference does."""
+        k = xs_shift.shape[-1]
+        packs = cached_derived(self, "_hfptq_fbgemm_chunks", self.qweight,
+                               lambda w: [fbgemm_pack(w[:, i:i + width]) for i in range(0, k, width)])
+        y = None
+        for i, packed in zip(range(0, k, width), packs):
+            part = fbgemm_int8_linear(xs_shift[:, i:i + width].contiguous(), z, packed).to(torch.float64)
+            y = part if y is None else y.add_(part)
+        rowsum = self._weight_rowsum_for(self.qweight).to(torch.float64)
+        y.addr_(row_zero_points.reshape(-1).to(torch.float64), rowsum, alpha=-1)
+        return y.to(torch.float32)
+
+    def _rescale_fbgemm(self, y: torch.Tensor, xs: torch.Tensor, x: torch.Tensor, shape) -> torch.Tensor:
+        """:func:`rescale_int32`'s steps, in place on FBGEMM's float32 sums ``y``."""
         y.mul_(xs).mul_(self.weight_scale.reshape(1, -1))
         if self.bias is not None:
             y.add_(self.bias if self.bias.dtype == torch.float32 else self.bias.to(torch.float32))
@@ -547,6 +592,17 @@ class QuantEmbedding(nn.Module):
     @property
     def source(self) -> QuantLinear:
         return self._source
+
+    def _apply(self, fn, *args, **kwargs):
+        # model.to(torch.bfloat16) must change what the lookup returns, as it does for nn.Embedding: a
+        # tied embedding owns no float tensor for Module._apply to cast, so the cast is read off a probe.
+        # (Without it the model kept float32 embeddings after .to(bfloat16) while a reload of its
+        # checkpoint built bfloat16 ones: the reload was not bit-exact.)
+        out = super()._apply(fn, *args, **kwargs)
+        probe = fn(torch.empty(0, dtype=self.output_dtype))
+        if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+            self.output_dtype = probe.dtype
+        return out
 
     def tie_to(self, lm_head: QuantLinear) -> None:
         object.__setattr__(self, "_source", lm_head)

@@ -25,9 +25,11 @@ SCALE_EPS = torch.finfo(torch.float32).tiny * 2**20  # ~1e-32, still a normal fl
 
 
 def qrange(bits: int, symmetric: bool) -> Tuple[int, int]:
-    """Return ``(qmin, qmax)`` of the integer grid for ``bits`` and the symmetry mode."""
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be one of 4 or 8 (got {bits})")
+    """Return ``(qmin, qmax)`` of the integer grid for ``bits`` and the symmetry mode.
+
+    7 bits is the activation grid of the ``fbgemm-a7`` CPU route (see :mod:`hfptq.quant.backends`)."""
+    if bits not in (4, 7, 8):
+        raise ValueError(f"bits must be one of 4 or 8 (7 for activations on the fbgemm-a7 route; got {bits})")
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         return -qmax, qmax

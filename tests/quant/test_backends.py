@@ -1,0 +1,356 @@
+"""Backend dispatch by CPU capability (hfptq.quant.backends): every route against the reference math on
+any machine (capabilities emulated where the hardware lacks them), forcing, the warning, the summary text.
+
+Nothing here times anything: the choice is made from capability facts, so the tests do not depend on
+the speed of the machine.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hfptq.errors import ConfigError
+from hfptq.quant import backends, kernels
+from hfptq.quant.backends import HfPtqPerformanceWarning, force_backend
+from hfptq.quant.kernels import reference_math
+from hfptq.quant.linear import FloatLinear, QuantLinear
+
+W8 = {"bits": 8, "symmetric": True, "granularity": "channel"}
+W8_ASYM = {"bits": 8, "symmetric": False, "granularity": "channel"}
+ACTS = {
+    "dynamic-asym": {"mode": "dynamic", "symmetric": False},
+    "dynamic-sym": {"mode": "dynamic", "symmetric": True},
+    "static-sym": {"mode": "static", "symmetric": True},
+    "static-asym": {"mode": "static", "symmetric": False},
+}
+STATIC_QPARAMS = {"static-sym": (0.04, None), "static-asym": (0.05, 7)}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choice(monkeypatch):
+    """Every test starts and ends with a fresh choice (features, probes, warnings re-read)."""
+    for var in ("HFPTQ_CPU_FEATURES", "HFPTQ_W8A8_BACKEND", "HFPTQ_FBGEMM"):
+        monkeypatch.delenv(var, raising=False)
+    backends.reset()
+    kernels.fbgemm_linear_available.cache_clear()
+    yield
+    monkeypatch.undo()
+    backends.reset()
+    kernels.fbgemm_linear_available.cache_clear()
+
+
+def _emulate(monkeypatch, features: str) -> None:
+    monkeypatch.setenv("HFPTQ_CPU_FEATURES", features)
+    backends.reset()
+
+
+def _saturating_fbgemm(monkeypatch) -> None:
+    """FBGEMM as a CPU without VNNI runs it: pairs of uint8 x int8 products added in saturating 16-bit
+    arithmetic (``vpmaddubsw``), then summed in int32, minus the zero-point term, as float32."""
+    prepack, op = kernels._fbgemm_ops()
+    if prepack is None or op is None or "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("no FBGEMM in this build")
+
+    def saturating(x_shifted, scale, zero_point, packed):
+        w = torch.ops.quantized.linear_unpack(packed)[0].int_repr().to(torch.int32)
+        xu = (x_shifted + zero_point).to(torch.int32)                     # the uint8 values FBGEMM sees
+        assert int(xu.min()) >= 0 and int(xu.max()) <= 255
+        prod = xu.unsqueeze(1) * w.unsqueeze(0)                           # [M, N, K]
+        if prod.shape[-1] % 2:
+            prod = F.pad(prod, (0, 1))
+        pairs = (prod[..., 0::2] + prod[..., 1::2]).clamp(-32768, 32767)
+        return (pairs.sum(-1) - zero_point * w.sum(-1)).to(torch.float32)
+
+    monkeypatch.setattr(kernels, "_fbgemm_ops", lambda: (prepack, saturating))
+    kernels.fbgemm_linear_available.cache_clear()
+    backends.reset()
+
+
+def _quant(acts: str, k: int = 96, n: int = 40, weights=W8, seed: int = 0) -> QuantLinear:
+    gen = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=gen) * 0.1)
+        lin.bias.copy_(torch.randn(n, generator=gen))
+    return QuantLinear.from_float(lin, weights, ACTS[acts], input_qparams=STATIC_QPARAMS.get(acts))
+
+
+def _x(rows: int, k: int, seed: int = 1) -> torch.Tensor:
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed)) * 3.0
+    x[0, :4] = torch.tensor([40.0, -40.0, 0.0, 1e-3])      # outliers: extreme quantized values
+    return x
+
+
+def _reference_for(module: QuantLinear, route: str) -> QuantLinear:
+    """The module whose reference math the route must reproduce bit for bit: itself, or, for
+    ``fbgemm-a7`` with dynamic activations, the same weights with 7-bit activations."""
+    ref = copy.deepcopy(module)
+    if route == "fbgemm-a7" and module.act_mode == "dynamic":
+        ref.act_bits = 7
+    return ref
+
+
+def _runnable(route: str) -> bool:
+    if route == "onednn-vnni":
+        return kernels.int_mm_available("cpu")
+    if route == "fbgemm":
+        return kernels.fbgemm_linear_available(8)
+    if route == "fbgemm-a7":
+        return kernels.fbgemm_linear_available(7)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# Capability facts
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cpu_features_override_by_class_and_flag(monkeypatch):
+    _emulate(monkeypatch, "avx2")
+    f = backends.cpu_features()
+    assert (f.capability, f.avx512_vnni, f.native_bf16) == ("AVX2", False, False)
+    assert "HFPTQ_CPU_FEATURES=avx2" in f.describe()
+    _emulate(monkeypatch, "avx512-bf16")
+    f = backends.cpu_features()
+    assert (f.capability, f.avx512_vnni, f.native_bf16) == ("AVX512", True, True)
+    _emulate(monkeypatch, "avx2, amx_bf16")
+    assert backends.cpu_features().native_bf16 and not backends.cpu_features().avx512_vnni
+    monkeypatch.delenv("HFPTQ_CPU_FEATURES")
+    backends.reset()
+    assert backends.cpu_features().source == "detected"
+    assert backends.cpu_features().capability == torch.backends.cpu.get_cpu_capability()
+
+
+def test_automatic_choice_per_cpu_class(monkeypatch):
+    """VNNI -> oneDNN via torch._int_mm; no VNNI with an exact FBGEMM -> fbgemm; no VNNI with a saturating
+    FBGEMM -> 7-bit activations; no usable FBGEMM -> the exact float route."""
+    if not kernels.int_mm_available("cpu") or not kernels.fbgemm_linear_available(8):
+        pytest.skip("needs torch._int_mm and an exact FBGEMM on this machine to emulate the classes")
+    _emulate(monkeypatch, "avx512-vnni")
+    assert backends.w8a8_backend().name == "onednn-vnni"
+    _emulate(monkeypatch, "avx2")
+    assert backends.w8a8_backend().name == "fbgemm"
+    _saturating_fbgemm(monkeypatch)
+    assert kernels.fbgemm_linear_available(8) is False      # the probe sees the saturation
+    assert kernels.fbgemm_linear_available(7) is True       # 7-bit operands cannot saturate
+    assert backends.w8a8_backend().name == "fbgemm-a7"
+    assert "saturates" in backends.w8a8_backend().reason
+    monkeypatch.setenv("HFPTQ_FBGEMM", "0")
+    kernels.fbgemm_linear_available.cache_clear()
+    backends.reset()
+    assert backends.w8a8_backend().name == "float-exact"
+
+
+def test_int8_matmul_avoids_torch_int_mm_without_vnni(monkeypatch):
+    """Without AVX512-VNNI torch's CPU _int_mm is a scalar loop (64x slower than float32 on an AVX2 EPYC):
+    the exact float route runs instead, with the same integers."""
+    def no_int_mm(*_):
+        raise AssertionError("torch._int_mm called on a CPU without avx512_vnni")
+
+    a = torch.randint(-128, 128, (5, 300), dtype=torch.int8)
+    b = torch.randint(-128, 128, (7, 300), dtype=torch.int8)
+    exact = (a.long() @ b.long().T).to(torch.int32)
+    _emulate(monkeypatch, "avx2")
+    monkeypatch.setattr(torch, "_int_mm", no_int_mm)
+    assert torch.equal(kernels.int8_matmul(a, b), exact)
+    monkeypatch.undo()
+    if kernels.int_mm_available("cpu"):
+        _emulate(monkeypatch, "avx512-vnni")
+        calls = []
+        real = torch._int_mm
+        monkeypatch.setattr(torch, "_int_mm", lambda *args: calls.append(1) or real(*args))
+        assert torch.equal(kernels.int8_matmul(a, b), exact) and calls
+
+
+# ------------------------------------------------------------------------------------------------
+# Every route against the reference math
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", backends.W8A8_BACKENDS)
+@pytest.mark.parametrize("acts", list(ACTS))
+@pytest.mark.parametrize("rows", [1, 70])
+@pytest.mark.parametrize("k", [96, 2100])
+def test_every_route_equals_its_reference(route, acts, rows, k):
+    """Forced route, any machine: outputs are the reference math's bit for bit (7-bit activations for
+    ``fbgemm-a7``; 2,100 features exceed both chunk widths of the per-row zero-point correction)."""
+    if not _runnable(route):
+        pytest.skip(f"{route} does not run on this machine")
+    q = _quant(acts, k=k)
+    ref = _reference_for(q, route)
+    x = _x(rows, k, seed=rows)
+    with torch.no_grad(), force_backend(route):
+        fast = q(x)
+        expected = backends.module_backend(q).name
+    with torch.no_grad(), reference_math():
+        want = ref(x)
+    assert torch.equal(fast, want)
+    fbgemm_ran = "_hfptq_fbgemm" in q.__dict__ or "_hfptq_fbgemm_chunks" in q.__dict__
+    if expected in ("fbgemm", "fbgemm-a7"):
+        assert fbgemm_ran
+        chunked = rows > 1 and acts == "dynamic-asym" and k > kernels.fbgemm_row_zero_point_max_k(
+            7 if expected == "fbgemm-a7" else 8)
+        assert ("_hfptq_fbgemm_chunks" in q.__dict__) == chunked
+    elif expected == "float-exact":
+        assert not fbgemm_ran
+
+
+@pytest.mark.parametrize("acts", ["dynamic-asym", "dynamic-sym"])
+@pytest.mark.parametrize("rows", [1, 40])
+def test_fbgemm_a7_is_exact_on_a_saturating_fbgemm(monkeypatch, acts, rows):
+    """The 7-bit route on FBGEMM as a CPU without VNNI computes it (saturating 16-bit pair sums, emulated):
+    still the 7-bit reference bit for bit, with every operand at its extreme; the 8-bit route would not be.
+    (The probes' verdict on this kernel is checked in test_automatic_choice_per_cpu_class.)"""
+    _emulate(monkeypatch, "avx2")
+    _saturating_fbgemm(monkeypatch)
+    monkeypatch.setattr(kernels, "fbgemm_linear_available", lambda bits=8: bits == 7)
+    assert backends.w8a8_backend().name == "fbgemm-a7"
+    k = 64
+    lin = nn.Linear(k, 24)
+    with torch.no_grad():
+        lin.weight.copy_(torch.where(torch.arange(k) % 3 == 0, -0.5, 0.5).expand(24, k))  # int8 weights at +-127
+    q = QuantLinear.from_float(lin, W8, ACTS[acts])
+    x = torch.where(q.qweight[:1].expand(rows, k) < 0, -2.0, 6.0)                        # all products one sign
+    if rows > 1:
+        x[-1] = -x[-1]                                                                  # and the other sign
+    with torch.no_grad():
+        fast = q(x)
+        ref = _reference_for(q, "fbgemm-a7")
+        with reference_math():
+            want = ref(x)
+    assert torch.equal(fast, want)
+    # the same inputs with 8-bit activations through the saturating kernel lose the integers
+    xs, z, _, row_z = kernels.quantize_rows_for_fbgemm(x, 8, acts == "dynamic-sym")
+    if row_z is None:
+        got = kernels.fbgemm_int8_linear(xs, z, kernels.fbgemm_pack(q.qweight))
+        exact = (xs.double() @ q.qweight.double().T).float()
+        assert not torch.equal(got, exact)
+
+
+def test_a7_route_leaves_static_and_asymmetric_weights_on_the_exact_float_route():
+    if not kernels.fbgemm_linear_available(7):
+        pytest.skip("FBGEMM not usable here")
+    with force_backend("fbgemm-a7"):
+        assert backends.module_backend(_quant("static-sym")).name == "float-exact"
+        assert "static" in backends.module_backend(_quant("static-sym")).reason
+        assert backends.module_backend(_quant("dynamic-asym", weights=W8_ASYM)).name == "float-exact"
+        assert backends.module_backend(_quant("dynamic-asym")).name == "fbgemm-a7"
+
+
+# ------------------------------------------------------------------------------------------------
+# Forcing and the warning
+# ------------------------------------------------------------------------------------------------
+
+
+def test_forcing_by_env_and_bad_names(monkeypatch):
+    monkeypatch.setenv("HFPTQ_W8A8_BACKEND", "float-exact")
+    backends.reset()
+    assert backends.w8a8_backend().name == "float-exact"
+    assert "HFPTQ_W8A8_BACKEND" in backends.w8a8_backend().reason
+    q = _quant("dynamic-asym")
+    x = _x(3, 96)
+    with torch.no_grad():
+        y = q(x)
+        with reference_math():
+            assert torch.equal(y, q(x))
+    assert "_hfptq_fbgemm" not in q.__dict__
+    monkeypatch.setenv("HFPTQ_W8A8_BACKEND", "fbgemm8")
+    backends.reset()
+    with pytest.raises(ConfigError, match="HFPTQ_W8A8_BACKEND='fbgemm8'.*Did you mean 'fbgemm'"):
+        backends.w8a8_backend()
+    with pytest.raises(ConfigError, match="force_backend='vnni'"):
+        with force_backend("vnni"):
+            pass
+
+
+def test_forcing_an_inexact_fbgemm_is_refused(monkeypatch):
+    _saturating_fbgemm(monkeypatch)
+    with pytest.raises(ConfigError, match="fbgemm.*not exact.*float-exact"):
+        with force_backend("fbgemm"):
+            pass
+
+
+def test_no_fast_route_warns_once_naming_the_feature_and_fallback(monkeypatch):
+    _emulate(monkeypatch, "avx2")
+    monkeypatch.setenv("HFPTQ_FBGEMM", "0")
+    kernels.fbgemm_linear_available.cache_clear()
+    qa, qb = _quant("dynamic-asym"), _quant("dynamic-sym", seed=1)
+    x = _x(2, 96)
+    with torch.no_grad(), pytest.warns(HfPtqPerformanceWarning) as record:
+        ya = qa(x)
+        qb(x), qa(x)
+    messages = [str(r.message) for r in record if issubclass(r.category, HfPtqPerformanceWarning)]
+    assert len(messages) == 1
+    assert "avx512_vnni" in messages[0] and "float" in messages[0] and "HFPTQ_W8A8_BACKEND" in messages[0]
+    with torch.no_grad(), reference_math():
+        assert torch.equal(ya, qa(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HfPtqPerformanceWarning)
+        with torch.no_grad():
+            qa(x)                                # no second warning
+
+
+# ------------------------------------------------------------------------------------------------
+# FP16-stored modules: bf16 only with native bf16
+# ------------------------------------------------------------------------------------------------
+
+
+def test_fp16_storage_computes_in_float32_without_native_bf16(monkeypatch):
+    _emulate(monkeypatch, "avx2")
+    gen = torch.Generator().manual_seed(0)
+    lin = nn.Linear(64, 48)
+    f = FloatLinear.from_float(lin, torch.float16)
+    x = torch.randn(5, 64, generator=gen)
+    with torch.no_grad():
+        y = f(x)
+        assert torch.equal(y, F.linear(x, f.weight.float(), f.bias.float()))
+        with reference_math():
+            assert torch.equal(y, f(x))
+    cache = f.__dict__["_hfptq_weight_cache"][2]
+    assert cache.dtype == torch.float32 and "_hfptq_packed_cache" not in f.__dict__
+    b = backends.module_backend(f)
+    assert b.name == "float32" and "no native bf16" in b.reason and "cached" in b.reason
+    # an explicit bfloat16 request is honoured, with one warning
+    fb = FloatLinear.from_float(lin, torch.float16, compute_dtype="bfloat16")
+    with torch.no_grad(), pytest.warns(HfPtqPerformanceWarning, match="avx512_bf16"):
+        fb(x)
+    if kernels.cpu_has_fast_bf16.__module__ and torch.backends.mkldnn.is_available():
+        _emulate(monkeypatch, "avx512-bf16")
+        f2 = FloatLinear.from_float(lin, torch.float16)
+        assert backends.module_backend(f2).name in ("bf16-prepacked", "bf16")
+
+
+def test_weight_only_half_inputs_follow_native_bf16(monkeypatch):
+    q = QuantLinear.from_float(nn.Linear(32, 16), W8, {"mode": "none"})
+    x = torch.randn(3, 32).half()
+    _emulate(monkeypatch, "avx2")
+    assert q._compute_dtype(x) == torch.float32
+    _emulate(monkeypatch, "avx512-bf16")
+    assert q._compute_dtype(x) == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------------
+# Visible choice: summary and describe_model
+# ------------------------------------------------------------------------------------------------
+
+
+def test_summary_says_which_backend_each_kind_uses_and_why(monkeypatch, load_tiny):
+    import hfptq
+
+    model = load_tiny("llama")
+    hfptq.quantize_model(model, hfptq.HfPtqConfig(), progress=False)
+    _emulate(monkeypatch, "avx2")
+    with force_backend("float-exact"):
+        text = hfptq.summary(model)
+    assert text.startswith(hfptq.get_plan(model).summary())
+    assert "backends on" in text and "HFPTQ_CPU_FEATURES=avx2" in text
+    assert "W8A8 dynamic asym" in text and "float-exact - forced by force_backend" in text
+    assert "float16 storage" in text and "float32 - no native bf16" in text
+    kinds = {e["kind"]: e for e in backends.describe_model(model)}
+    plan = hfptq.get_plan(model)
+    assert kinds["float16 storage"]["modules"] == plan.by_precision().get("fp16", 0)
