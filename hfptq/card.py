@@ -190,6 +190,11 @@ def _calibration_lines(model: nn.Module, config: Any) -> List[str]:
     static = any(e.quantized and (e.activations or {}).get("mode") == "static" for e in plan)
     calib = config.to_dict().get("calibration")
     lines: List[str] = []
+    memory = [f"{k}: {v}" for k, v in (calib or {}).items() if isinstance(v, str) and v.startswith("<in-memory")]
+    if memory:
+        lines += [f"**Not reproducible from its recipe:** calibration used in-memory objects ({'; '.join(memory)}). "
+                  "`hfptq_recipe.yaml` cannot re-create this checkpoint until they are saved (e.g. "
+                  "`Dataset.to_json`) and named in `calibration`.", ""]
     if isinstance(info, Mapping) and info:
         dataset = " / ".join(str(info[k]) for k in ("dataset", "config", "split") if info.get(k))
         rows = [

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .config import QUANT_METHOD, HfPtqConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, HfPtqError
 from .plan import Plan
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,12 @@ META_FORMAT = "hfptq_format"
 META_VERSION = "hfptq_version"
 META_SAVE_ID = "hfptq_save_id"
 META_CRC32 = "hfptq_crc32"
+META_PLAN_HASH = "hfptq_plan_sha256"
+#: Written into a checkpoint's ``config.json`` as ``attn_implementation``. Plain Transformers refuses to build a
+#: model with an attention implementation it does not know, whatever the loading flags
+#: (``ignore_mismatched_sizes=True``, ``num_labels=...``, ``dtype=...``); hfptq's quantizer puts the default back
+#: (:func:`clear_load_guard`) before the model is built. Its name is the instruction the user sees in the error.
+LOAD_GUARD = "hfptq_quantized_checkpoint__pip_install_hfptq_and_import_hfptq_before_from_pretrained"
 RECIPE_FILENAME = "hfptq_recipe.yaml"
 CARD_FILENAME = "README.md"
 CONFIG_FILENAME = "config.json"
@@ -88,7 +94,64 @@ def stored_plan(config: HfPtqConfig) -> Plan:
             "This checkpoint's quantization_config has no hfptq plan, so the quantized modules cannot be rebuilt. "
             "It was not written by hfptq's save_pretrained; re-quantize the float model."
         )
-    return Plan.from_dict(config.plan)
+    from .config import PRECISIONS
+
+    entries = config.plan.get("modules") if isinstance(config.plan, Mapping) else None
+    for entry in entries if isinstance(entries, list) else []:
+        precision = entry.get("precision") if isinstance(entry, Mapping) else None
+        if precision not in PRECISIONS:
+            raise CheckpointError(
+                f"config.json: quantization_config.plan entry {entry.get('name') if isinstance(entry, Mapping) else entry!r} "
+                f"has precision {precision!r}, which is not one of {', '.join(PRECISIONS)}. The plan was edited by "
+                "hand or is damaged: restore the config.json saved with these weights, or re-quantize."
+            )
+    try:
+        return Plan.from_dict(config.plan)
+    except HfPtqError:
+        raise
+    except Exception as exc:  # a damaged plan must not surface as a bare KeyError/TypeError
+        raise CheckpointError(
+            f"config.json: quantization_config.plan cannot be read ({type(exc).__name__}: {exc}). The plan was edited "
+            "by hand or is damaged: restore the config.json saved with these weights, or re-quantize."
+        ) from exc
+
+
+def plan_hash(plan_dict: Mapping[str, Any]) -> str:
+    """SHA-256 of a plan's canonical JSON: recorded with the weights at save, compared at load and in verify.
+
+    Example:
+        >>> plan_hash({"modules": []}) == plan_hash({"modules": []})
+        True
+    """
+    import hashlib
+
+    text = json.dumps(plan_dict, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def clear_load_guard(config: Any) -> Any:
+    """Undo :data:`LOAD_GUARD` on a model config loaded from an hfptq checkpoint (the default attention returns)."""
+    if getattr(config, "_attn_implementation", None) == LOAD_GUARD:
+        config._attn_implementation = None
+    return config
+
+
+def early_checks(config: Any) -> None:
+    """Checks of a local checkpoint folder run before Transformers reads its files (see the quantizer's
+    ``update_attn_implementation``): a damaged shard index is named instead of a bare JSONDecodeError."""
+    folder = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    if not folder or not os.path.isdir(str(folder)):
+        return
+    for index in Path(str(folder)).glob("*.safetensors.index.json"):
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
+                raise ValueError("no 'weight_map' mapping")
+        except (ValueError, OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(
+                f"{index} is damaged ({exc}): it cannot say which shard holds which tensor. Re-save the model, or "
+                "re-download this file."
+            ) from exc
 
 
 #: A zero-size tensor whose *name* is the instruction: it shows up in the load report Transformers prints
@@ -124,13 +187,52 @@ def prepare_reload(model: nn.Module, config: HfPtqConfig, dtype: Optional[torch.
     if checkpoint_files:
         files = [str(f) for f in checkpoint_files if str(f).endswith(".safetensors")]
         if files:
-            check_checkpoint_files(files, expected_tensors(model, plan), rename=_checkpoint_key_renamer(model))
+            expected = expected_tensors(model, plan)
+            rename = _checkpoint_key_renamer(model)
+            info = check_checkpoint_files(files, expected, rename=rename, allowed=_allowed_keys(model, plan),
+                                          plan_digest=plan_hash(config.plan))
+            _adopt_saved_float_dtypes(model, info, expected, rename)
     tombstones = _tombstone_keys(plan)
     if tombstones:
         # the tombstones are for float loaders only: not "unexpected" for us
         pattern = "^(?:" + "|".join(re.escape(k) for k in tombstones) + ")$"
         existing = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
         model._keys_to_ignore_on_load_unexpected = existing | {pattern}
+
+
+def _allowed_keys(model: nn.Module, plan: Plan) -> set:
+    """Every tensor name an hfptq checkpoint of ``model`` may hold: the quantized skeleton's state dict
+    (planned modules' buffers, everything else's float tensors), the tombstones and the hint."""
+    return set(model.state_dict().keys()) | set(_tombstone_keys(plan))
+
+
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def _adopt_saved_float_dtypes(model: nn.Module, info: "CheckpointInfo",
+                              expected: Mapping[str, Tuple[str, torch.dtype, Tuple[int, ...]]],
+                              rename: Optional[Callable[[str], str]]) -> None:
+    """Give the skeleton's float tensors (scales, biases, FP16 weights) the dtype they were saved in.
+
+    A model moved with ``model.to(torch.bfloat16)`` after quantizing saves bf16 scales; loading them
+    into float32 buffers would change the arithmetic of every forward (logits differ by ~1e-2), so
+    the reloaded model holds exactly what was saved and computes exactly what the saved model did.
+    """
+    tensors = info.tensors if rename is None else {rename(k): v for k, v in info.tensors.items()}
+    for key, (module_name, dtype, _shape) in expected.items():
+        found = tensors.get(key)
+        if found is None or not dtype.is_floating_point:
+            continue
+        saved = _TORCH_DTYPES.get(found[1])
+        if saved is None or saved == dtype or not saved.is_floating_point:
+            continue
+        module = model.get_submodule(module_name)
+        local = key[len(module_name) + 1:]
+        if local in module._buffers and module._buffers[local] is not None:
+            module._buffers[local] = module._buffers[local].to(saved)
+        elif local in module._parameters and module._parameters[local] is not None:
+            old = module._parameters[local]
+            module._parameters[local] = nn.Parameter(old.detach().to(saved), requires_grad=old.requires_grad)
 
 
 def _shield_containers_from_init(model: nn.Module, plan: Plan) -> None:
@@ -292,21 +394,36 @@ def _check_metadata(info: CheckpointInfo) -> None:
 
 def check_checkpoint_files(files: Sequence[str],
                            expected: Mapping[str, Tuple[str, torch.dtype, Tuple[int, ...]]],
-                           rename: Optional[Callable[[str], str]] = None) -> CheckpointInfo:
+                           rename: Optional[Callable[[str], str]] = None, *,
+                           allowed: Optional[set] = None, plan_digest: Optional[str] = None) -> CheckpointInfo:
     """Validate safetensors headers against what the plan needs (see :func:`expected_tensors`).
 
     Integer tensors must match dtype and shape exactly; float tensors must be floating point (any
     width: Transformers casts them) with the exact shape. ``rename`` maps a file key to the model
     key it loads into (Transformers' legacy renamings); identity by default.
 
+    ``allowed`` (every key the model may hold) refuses tensors the plan does not account for, e.g.
+    the integers of a module whose plan entry was deleted or set to ``skip``. ``plan_digest``
+    (:func:`plan_hash` of ``config.json``'s plan) must equal the hash recorded with the weights
+    when the shards carry one: a plan edited by hand (symmetric instead of asymmetric, rotation
+    changed or removed, an embedding scale dropped) would otherwise load as garbage.
+
     Raises:
-        CheckpointError: unreadable file, unsupported/mixed metadata, or a tensor that is missing or
-            has the wrong dtype/shape; the message names the module and the key.
+        CheckpointError: unreadable file, unsupported/mixed metadata, a plan that is not the one the
+            weights were saved with, or a tensor that is missing, unexpected or has the wrong
+            dtype/shape; the message names the module and the key.
     """
     info = read_checkpoint_headers(files)
     _check_metadata(info)
     tensors = info.tensors if rename is None else {rename(k): v for k, v in info.tensors.items()}
     problems: List[str] = []
+    if allowed is not None:
+        extra = sorted(k for k in info.tensors if k not in allowed and (rename is None or rename(k) not in allowed))
+        if extra:
+            problems.append(
+                f"the files hold {len(extra)} tensor(s) the plan does not account for: {extra[:5]} (a plan entry was "
+                "deleted or set to skip, or the model was quantized twice)"
+            )
     for key, (module, dtype, shape) in expected.items():
         want = _ST_DTYPES.get(dtype, str(dtype))
         found = tensors.get(key)
@@ -333,6 +450,15 @@ def check_checkpoint_files(files: Sequence[str],
             + ". config.json and the weights come from different quantizations: save the quantized model again "
             "with hfptq, or restore the config.json that belongs to these weights."
         )
+    if plan_digest is not None:  # after the tensor check, whose messages name the module
+        for path, meta in info.metadata.items():
+            recorded = meta.get(META_PLAN_HASH)
+            if recorded is not None and recorded != plan_digest:
+                raise CheckpointError(
+                    f"config.json's hfptq plan is not the plan {os.path.basename(path)} was saved with (its "
+                    f"{META_PLAN_HASH} differs): config.json was edited or comes from another quantization. The "
+                    "weights would load as garbage; restore the config.json saved with these weights, or re-quantize."
+                )
     return info
 
 
@@ -387,6 +513,10 @@ def state_dict_for_save(model: nn.Module, *, checksums: bool = True) -> Tuple[Di
         META_VERSION: __version__,
         META_SAVE_ID: uuid.uuid4().hex,
     }
+    qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
+    stored = qcfg.plan if isinstance(qcfg, HfPtqConfig) and qcfg.plan else plan.to_dict()
+    # the JSON round trip makes the hash the one of what config.json will hold (tuples -> lists, ...)
+    metadata[META_PLAN_HASH] = plan_hash(json.loads(json.dumps(stored, default=str)))
     if checksums:
         metadata[META_CRC32] = json.dumps(crcs, separators=(",", ":"), sort_keys=True)
     return state_dict, metadata
@@ -518,6 +648,7 @@ def save_quantized(model: nn.Module, save_directory: Union[str, os.PathLike], *,
         raise CheckpointError(f"Cannot save the checkpoint to {target}: {exc}. Choose a writable folder.") from exc
     try:
         original(model, staging, push_to_hub=False, **kwargs)
+        _guard_config(staging / CONFIG_FILENAME)
         _write_side_files(staging, model, target, load_from=hub.get("repo_id") or os.fspath(save_directory))
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
@@ -527,12 +658,19 @@ def save_quantized(model: nn.Module, save_directory: Union[str, os.PathLike], *,
             f"Saving the hfptq checkpoint to {target} failed ({type(exc).__name__}: {exc}). Nothing was written "
             f"to {target}: its previous contents are unchanged."
         ) from exc
+    progress: List[str] = []
     try:
-        _commit_staging(staging, target, variant=kwargs.get("variant"))
+        _commit_staging(staging, target, variant=kwargs.get("variant"), progress=progress)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if not isinstance(exc, Exception):
             raise
+        if not progress:
+            raise CheckpointError(
+                f"Cannot write the new checkpoint into {target} ({type(exc).__name__}: {exc}). Nothing in {target} was "
+                "changed: the previous checkpoint there is intact and still loads. Make the folder writable or save "
+                "elsewhere."
+            ) from exc
         raise CheckpointError(
             f"Moving the new checkpoint into {target} failed midway ({type(exc).__name__}: {exc}). The folder is "
             "incomplete: its config.json was removed first, so it will not load as a mix of old and new files. "
@@ -543,9 +681,50 @@ def save_quantized(model: nn.Module, save_directory: Union[str, os.PathLike], *,
         _push_saved_folder(model, target, files_timestamps, hub)
 
 
+def _guard_config(config_path: Path) -> None:
+    """Write :data:`LOAD_GUARD` into the staged ``config.json`` (see there)."""
+    data = json.loads(config_path.read_text(encoding="utf-8"))
+    data["attn_implementation"] = LOAD_GUARD
+    config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _stale_staging(target: Path) -> List[Path]:
+    """Staging folders of earlier saves to ``target`` that were interrupted (killed process, power loss)."""
+    found: List[Path] = []
+    for folder, pattern in ((target.parent, f".{target.name}{_STAGING_MARK}*"),
+                            (target, f"{_STAGING_MARK.strip('-')}-*")):
+        if folder.is_dir():
+            found.extend(p for p in folder.glob(pattern)
+                         if p.is_dir() and not p.is_symlink() and not _owner_alive(p.name))
+    return found
+
+
+def _owner_alive(name: str) -> bool:
+    """Whether the process that created staging folder ``name`` (``...-partial-<pid>-<hex>``) still runs:
+    a concurrent save's folder must not be taken for a leftover."""
+    match = re.search(r"partial-(\d+)-[0-9a-f]+$", name)
+    if match is None:
+        return False
+    pid = int(match.group(1))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def _make_staging(target: Path) -> Path:
-    """A fresh hidden folder on the target's filesystem: beside it, or inside it if the parent is read-only."""
-    suffix = uuid.uuid4().hex[:12]
+    """A fresh hidden folder on the target's filesystem: beside it, or inside it if the parent is read-only.
+
+    Staging folders left by interrupted earlier saves to the same target (full copies of the
+    weights) are removed first.
+    """
+    for stale in _stale_staging(target):
+        logger.info("hfptq: removing %s, left by an interrupted save", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    suffix = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
     # not tempfile.mkdtemp: its 0o700 mode would become the checkpoint folder's mode after the rename
     staging = target.parent / f".{target.name}{_STAGING_MARK}{suffix}"
     try:
@@ -588,13 +767,20 @@ def _weight_file_pattern(variant: Optional[str]) -> re.Pattern:
     return re.compile(re.escape(stem) + r"(?:-\d{5}-of-\d{5})?\.safetensors(?:\.index\.json)?$")
 
 
-def _commit_staging(staging: Path, target: Path, variant: Optional[str] = None) -> None:
-    """Move the staged files into ``target`` (atomically when the target does not exist yet)."""
+def _commit_staging(staging: Path, target: Path, variant: Optional[str] = None,
+                    progress: Optional[List[str]] = None) -> None:
+    """Move the staged files into ``target`` (atomically when the target does not exist yet).
+
+    ``progress`` receives one entry per change made to ``target`` (so a failure can say whether the
+    previous checkpoint is still intact).
+    """
+    progress = progress if progress is not None else []
     if not target.exists():
         os.replace(staging, target)
         return
     if target.is_dir() and not any(target.iterdir()):
         target.rmdir()
+        progress.append("removed empty target")
         os.replace(staging, target)
         return
     new = sorted(os.listdir(staging))
@@ -604,16 +790,19 @@ def _commit_staging(staging: Path, target: Path, variant: Optional[str] = None) 
     old_config = target / CONFIG_FILENAME
     if old_config.exists():
         old_config.unlink()
+        progress.append(f"removed {old_config}")
     # 2. stale weight files of a previous save that this save does not overwrite
     for name in os.listdir(target):
         if name not in new and weight_pattern.fullmatch(name) and (target / name).is_file():
             (target / name).unlink()
+            progress.append(f"removed {name}")
     # 3. move the new files in, config.json last
     ordered = [n for n in new if n != CONFIG_FILENAME] + ([CONFIG_FILENAME] if CONFIG_FILENAME in new else [])
     for name in ordered:
         dest = target / name
         if dest.is_dir() and not dest.is_symlink():
             shutil.rmtree(dest)
+        progress.append(f"moved {name}")
         os.replace(staging / name, dest)
     staging.rmdir()
 
@@ -719,14 +908,18 @@ def verify_checkpoint(folder: Union[str, os.PathLike], *, checksums: bool = True
         raw = json.loads(config_path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise CheckpointError(f"{config_path} is not valid JSON ({exc}).") from exc
-    qcfg = raw.get("quantization_config")
+    qcfg = raw.get("quantization_config") if isinstance(raw, dict) else None
     if not isinstance(qcfg, dict) or qcfg.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{config_path} has no hfptq quantization_config: not an hfptq checkpoint.")
-    config = HfPtqConfig.from_dict(qcfg)
+    try:
+        config = HfPtqConfig.from_dict(qcfg)
+    except HfPtqError as exc:
+        raise CheckpointError(f"{config_path}: quantization_config is invalid: {exc}") from exc
     plan = stored_plan(config)
     files = checkpoint_files(folder, variant)
     skeleton = _meta_skeleton(raw, config, plan)
-    info = check_checkpoint_files(files, expected_tensors(skeleton, plan), rename=_checkpoint_key_renamer(skeleton))
+    info = check_checkpoint_files(files, expected_tensors(skeleton, plan), rename=_checkpoint_key_renamer(skeleton),
+                                  allowed=_allowed_keys(skeleton, plan), plan_digest=plan_hash(config.plan))
     if checksums:
         _verify_crcs(info)
     return info
@@ -739,16 +932,27 @@ def _meta_skeleton(raw_config: Mapping[str, Any], config: HfPtqConfig, plan: Pla
     from .convert import build_skeleton
 
     architectures = raw_config.get("architectures") or []
-    cls = getattr(transformers, architectures[0], None) if architectures else None
-    if cls is None:
+    name = architectures[0] if isinstance(architectures, list) and architectures else None
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise CheckpointError(
-            f"config.json names architectures={architectures!r}, which this Transformers does not provide; "
-            "cannot check the checkpoint against its plan."
+            f"config.json names architectures={architectures!r}, which is not a model class of this Transformers; "
+            "cannot check the checkpoint against its plan. Restore the config.json saved with the weights."
         )
-    model_config = transformers.AutoConfig.for_model(**{k: v for k, v in raw_config.items()
-                                                         if k != "quantization_config"})
-    with torch.device("meta"):
-        model = cls(model_config)
+    fields = {k: v for k, v in raw_config.items() if k != "quantization_config"}
+    if fields.get("attn_implementation") == LOAD_GUARD:
+        fields.pop("attn_implementation")
+    try:
+        model_config = transformers.AutoConfig.for_model(**fields)
+        with torch.device("meta"):
+            model = cls(model_config)
+    except HfPtqError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(
+            f"config.json does not describe a model Transformers can build ({type(exc).__name__}: {exc}); restore "
+            "the config.json saved with the weights."
+        ) from exc
     build_skeleton(model, plan, fake=config.mode == "fake", compute_dtype=config.compute_dtype)
     return model
 
@@ -761,7 +965,15 @@ def _verify_crcs(info: CheckpointInfo) -> None:
         if recorded is None:
             logger.warning("%s has no recorded checksums; skipping the data check.", path)
             continue
-        crcs = json.loads(recorded)
+        try:
+            crcs = json.loads(recorded)
+            if not isinstance(crcs, dict):
+                raise ValueError("not a mapping")
+        except ValueError as exc:
+            raise CheckpointError(
+                f"{path}: metadata {META_CRC32} is damaged ({exc}); the checksums cannot be checked. Re-save or "
+                "re-download the checkpoint."
+            ) from exc
         with safe_open(path, framework="pt") as handle:
             for key in handle.keys():
                 if key not in crcs:

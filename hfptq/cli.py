@@ -47,7 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument("--no-save", action="store_true", help="do not write the quantized checkpoint")
     run.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the quantized checkpoint to this Hub repo")
-
     ev = sub.add_parser("eval", help="evaluate a saved quantized checkpoint against its float model")
     ev.add_argument("checkpoint", help="folder written by save_pretrained / hfptq run")
     ev.add_argument("--recipe", default=None,
@@ -77,36 +76,11 @@ def _run(args) -> int:
 
 
 def _eval(args) -> int:
-    import os
+    from .workflows import evaluate_checkpoint
 
-    from transformers import AutoTokenizer
-
-    from .models import resolve_model
-    from .pipeline import _DTYPES, _auto_class, apply_quick, evaluate_pair
-    from .recipes import find_recipe, load_recipe
-
-    checkpoint = Path(args.checkpoint)
-    if not (checkpoint / "config.json").exists():
-        from .errors import CheckpointError
-
-        raise CheckpointError(f"{checkpoint} has no config.json: pass the folder written by save_pretrained / hfptq run.")
-    if args.data_dir:
-        os.environ["HFPTQ_DATA_DIR"] = args.data_dir
-    saved = checkpoint / "hfptq_recipe.yaml"
-    recipe = load_recipe(find_recipe(args.recipe) if args.recipe else (saved if saved.exists() else find_recipe("default")))
-    if args.quick:
-        recipe = apply_quick(recipe)
-    import hfptq  # noqa: F401  (registers the quantizer)
-
-    auto = _auto_class(recipe.task)
-    dtype = _DTYPES[recipe.model.get("dtype", "float32")]
-    reference = resolve_model(args.reference or args.model or recipe.model.get("name_or_path"))
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint if (checkpoint / "tokenizer_config.json").exists() else reference)
-    float_model = auto.from_pretrained(reference, dtype=dtype).eval()
-    quantized = auto.from_pretrained(checkpoint, dtype=dtype).eval()
-    report = evaluate_pair(recipe, tokenizer, float_model, quantized, progress=not args.no_progress)
-    out = Path(args.output) if args.output else checkpoint.parent / "eval-report"
-    report.save(out)
+    report, out = evaluate_checkpoint(args.checkpoint, recipe=args.recipe, reference=args.reference or args.model,
+                                      data_dir=args.data_dir, output=args.output, quick=args.quick,
+                                      progress=not args.no_progress)
     print(report.console_summary())
     print(f"\nReport: {out}")
     return 0
@@ -131,8 +105,16 @@ def _recipes(args) -> int:
 
 
 def _model(args) -> int:
-    from .models import resolve_model
+    from .errors import ConfigError, suggest
+    from .models import KNOWN_MODELS, resolve_model
 
+    if args.name not in KNOWN_MODELS:
+        hint = suggest(args.name, KNOWN_MODELS) or next(
+            (f" Did you mean {k!r}?" for k in sorted(KNOWN_MODELS) if k[:4].lower() == str(args.name)[:4].lower()), "")
+        raise ConfigError(
+            f"Unknown model alias {args.name!r}.{hint} Embedded models: "
+            f"{', '.join(sorted(KNOWN_MODELS))}."
+        )
     print(resolve_model(args.name))
     return 0
 

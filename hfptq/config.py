@@ -273,6 +273,23 @@ def normalize_rule(rule: Mapping[str, Any], index: int) -> Dict[str, Any]:
     return out
 
 
+def _describe_in_memory(value: Any) -> str:
+    """``<in-memory Dataset fingerprint=... rows=...>``: what a saved config/recipe can say about an object it
+    cannot hold (the fingerprint identifies the exact rows; the recipe cannot reproduce them)."""
+    details = []
+    fingerprint = getattr(value, "_fingerprint", None)
+    if isinstance(fingerprint, str):
+        details.append(f"fingerprint={fingerprint}")
+    try:
+        details.append(f"rows={len(value)}")
+    except TypeError:
+        pass
+    name = getattr(value, "name_or_path", None)
+    if isinstance(name, str) and name:
+        details.append(f"name_or_path={name}")
+    return f"<in-memory {type(value).__name__}{' ' + ' '.join(details) if details else ''}>"
+
+
 class HfPtqConfig(QuantizationConfigMixin):
     """Configuration of hfptq post-training quantization.
 
@@ -478,7 +495,7 @@ class HfPtqConfig(QuantizationConfigMixin):
                 calib = {}
                 for ckey, cvalue in value.items():
                     if cvalue is not None and not isinstance(cvalue, (str, int, float, bool, list, dict)):
-                        cvalue = f"<in-memory {type(cvalue).__name__}>"
+                        cvalue = _describe_in_memory(cvalue)
                     calib[ckey] = copy.deepcopy(cvalue)
                 out[key] = calib
             else:

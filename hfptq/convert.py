@@ -87,6 +87,12 @@ def convert_model(
     weights = weights or {}
     weight_qparams = weight_qparams or {}
     todo = [e for e in plan if e.precision != "skip" and not e.tied_to]
+    check_float_storage(model, todo, weights)  # before any module is swapped: a refusal leaves the model as it was
+    if not todo:
+        logger.warning(
+            "hfptq: the plan skips every module (%d planned), so nothing is quantized and the model stays float. Check "
+            "the rules, scheme and modules_to_not_convert (hfptq plan prints the plan).", len(plan.entries)
+        )
     for entry in tqdm(todo, desc="hfptq: converting", disable=not progress, leave=False):
         module = model.get_submodule(entry.name)
         if entry.kind == "embedding":
@@ -112,6 +118,63 @@ def convert_model(
             _mark_channel_scale(model.get_submodule(entry.name), entry)
     _drop_tied_keys(model, plan)
     return model
+
+
+def check_float_storage(model: nn.Module, entries: Any, weights: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+    """Refuse a plan that stores a weight in FP16 when its values do not fit FP16 (|w| > 65504).
+
+    Such a weight becomes ``inf`` in storage and the model's outputs NaN. The error names the module
+    and suggests a bf16 (same range as float32) or fp32 rule for it.
+
+    Raises:
+        ConfigError: a planned FP16 module holds values outside FP16's range.
+
+    Example:
+        >>> lin = nn.Linear(2, 2); _ = lin.weight.data.fill_(1e5)
+        >>> from hfptq.plan import ModuleSpec
+        >>> e = ModuleSpec(name="", kind="attention", module_class="Linear", precision="fp16", in_features=2, out_features=2)
+        >>> check_float_storage(lin, [e])
+        Traceback (most recent call last):
+        ...
+        hfptq.errors.ConfigError: ...
+    """
+    from .errors import ConfigError
+
+    limit = torch.finfo(torch.float16).max
+    weights = weights or {}
+    for entry in entries:
+        if entry.precision != "fp16":
+            continue
+        module = model.get_submodule(entry.name) if entry.name else model
+        tensors = [weights.get(entry.name, getattr(module, "weight", None)), getattr(module, "bias", None)]
+        for tensor in tensors:
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta" or not tensor.is_floating_point():
+                continue
+            peak = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
+            if peak > limit:
+                raise ConfigError(
+                    f"Module {entry.name!r} is planned as fp16, but its weights reach {peak:.4g}, beyond FP16's range "
+                    f"(+-{limit:.0f}): stored in FP16 they would become inf and the outputs NaN. Keep it in bf16 (same "
+                    f"range as float32) or fp32, e.g. rules=[{{'targets': '{entry.name}', 'precision': 'bf16'}}], or "
+                    "scheme={'" + entry.kind + "': 'bf16'}."
+                )
+
+
+def refuse_quantized(model: nn.Module) -> None:
+    """Raise if ``model`` already holds hfptq modules: quantizing it again would plan nothing (the quantized
+    modules are no longer ``nn.Linear``) and save a checkpoint whose plan does not describe its weights.
+
+    Raises:
+        ConfigError: the model is already quantized.
+    """
+    from .errors import ConfigError
+
+    found = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, FloatLinear, QuantEmbedding))]
+    if found:
+        raise ConfigError(
+            f"This model is already quantized by hfptq ({len(found)} quantized modules, e.g. {found[0]!r}): call "
+            "model.dequantize() first to quantize it differently, or start again from the float model."
+        )
 
 
 def build_skeleton(model: nn.Module, plan: Plan, *, fake: bool = False, compute_dtype: str = "auto",

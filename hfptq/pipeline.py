@@ -81,9 +81,16 @@ def load_models(recipe: Recipe, model_path: str, config: HfPtqConfig, *, progres
         kwargs["num_labels"] = recipe.model["num_labels"]
     if recipe.model.get("revision"):
         kwargs["revision"] = recipe.model["revision"]
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    started = time.perf_counter()
-    float_model = auto.from_pretrained(model_path, **kwargs).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        started = time.perf_counter()
+        float_model = auto.from_pretrained(model_path, **kwargs).eval()
+    except OSError as exc:  # includes huggingface_hub's "not a valid repo id" / offline misses
+        raise ConfigError(
+            f"model.name_or_path={model_path!r} cannot be loaded ({exc}). Give a built-in alias "
+            f"({', '.join(_known_models())}), a local folder written by save_pretrained, or a Hub id reachable from "
+            "here."
+        ) from exc
     float_load = time.perf_counter() - started
     calib = config.calibration
     if calib is not None and calib.get("tokenizer") is None:
@@ -92,6 +99,72 @@ def load_models(recipe: Recipe, model_path: str, config: HfPtqConfig, *, progres
     quantized = auto.from_pretrained(model_path, quantization_config=config, **kwargs).eval()
     quant_load = time.perf_counter() - started
     return tokenizer, float_model, quantized, float_load, quant_load
+
+
+def _known_models() -> List[str]:
+    from .models import KNOWN_MODELS
+
+    return sorted(KNOWN_MODELS)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.sep in name and not _is_hub_id(name)
+
+
+def _is_hub_id(name: str) -> bool:
+    import re
+
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
+
+
+def resolve_recipe_model(name: Optional[str], field: str = "model.name_or_path") -> str:
+    """:func:`hfptq.models.resolve_model`, refusing a local path that does not exist (instead of letting
+    Transformers take it for a Hub id and fail with a bare error).
+
+    Raises:
+        ConfigError: ``name`` looks like a path and nothing is there.
+    """
+    from .errors import suggest
+    from .models import resolve_model
+
+    if isinstance(name, str) and _looks_like_path(name) and not Path(name).expanduser().exists():
+        raise ConfigError(
+            f"{field}={name!r}: no such folder.{suggest(name, _known_models())} Give a built-in alias "
+            f"({', '.join(_known_models())}), a folder written by save_pretrained, or a Hub id."
+        )
+    return resolve_model(name)
+
+
+def check_output_dir(out: Path, *, save: bool) -> None:
+    """Fail before any work when the run could not write its report (or checkpoint) to ``out``.
+
+    Raises:
+        ConfigError: ``out`` (or ``out/model``) is a file, or the folder cannot be created or written.
+    """
+    out = Path(out)
+    for path in ([out, out / "report"] + ([out / "model"] if save else [])):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"output.dir: {path} is a file, not a folder; choose another output.dir (or --output).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".hfptq-write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"output.dir: cannot write to {out} ({exc}); choose a writable output.dir (or --output) before the run "
+            "spends time loading, calibrating and evaluating."
+        ) from exc
+
+
+def _check_calibration_tokenizer(config: HfPtqConfig) -> None:
+    tok = (config.calibration or {}).get("tokenizer")
+    if isinstance(tok, str) and _looks_like_path(tok) and not Path(tok).expanduser().exists():
+        raise ConfigError(
+            f"calibration.tokenizer={tok!r}: no such folder. Give a folder with a tokenizer, a Hub id, or leave it "
+            "out to use the model's own tokenizer."
+        )
 
 
 def _bos(tokenizer) -> Optional[int]:
@@ -266,15 +339,18 @@ def run_recipe(
         save: override ``output.save``.
         push_to_hub: repo id to publish the quantized checkpoint to.
     """
-    from .models import resolve_model
-
     if data_dir is not None:
         os.environ["HFPTQ_DATA_DIR"] = str(data_dir)
     if quick:
         recipe = apply_quick(recipe)
     out = recipe.output_dir(output_dir)
-    model_path = resolve_model(model or recipe.model.get("name_or_path"))
+    do_save = recipe.output.get("save", True) if save is None else save
+    # everything that can be checked before the (long) load/calibrate/evaluate is checked first
+    check_output_dir(out, save=do_save)
     config = recipe.to_config()
+    _check_calibration_tokenizer(config)
+    model_path = resolve_recipe_model(model or recipe.model.get("name_or_path"),
+                                      "--model" if model else "model.name_or_path")
     started = time.perf_counter()
     tokenizer, float_model, quantized, float_load, quant_load = load_models(recipe, model_path, config,
                                                                             progress=progress)
@@ -307,16 +383,29 @@ def run_recipe(
     evaluate_pair(recipe, tokenizer, float_model, quantized, progress=progress, report=report)
     files: Dict[str, Path] = {}
     model_dir: Optional[Path] = None
-    do_save = recipe.output.get("save", True) if save is None else save
+    save_error: Optional[BaseException] = None
     if do_save:
         model_dir = out / "model"
         quantized.hfptq_report = report.to_dict()
         quantized.hfptq_recipe = recipe
         if not Path(str(recipe.model.get("name_or_path") or "")).exists() and not model:
             quantized.hfptq_base_model = recipe.model.get("name_or_path")
-        with report.timer("save"):
-            quantized.save_pretrained(model_dir, max_shard_size=recipe.output.get("max_shard_size") or "2GB")
-            tokenizer.save_pretrained(model_dir)
+        try:
+            with report.timer("save"):
+                quantized.save_pretrained(model_dir, max_shard_size=recipe.output.get("max_shard_size") or "2GB")
+                tokenizer.save_pretrained(model_dir)
+        except Exception as exc:  # the evaluation is done: write its report before giving up
+            save_error, model_dir = exc, None
+    if save_error is not None:
+        files.update(report.save(out / "report") if recipe.output.get("plots", True) else
+                     {"json": report.to_json(out / "report" / "report.json")})
+        from .errors import CheckpointError
+
+        raise CheckpointError(
+            f"Saving the quantized checkpoint to {out / 'model'} failed ({type(save_error).__name__}: {save_error}). "
+            f"The evaluation report was written to {out / 'report'}; fix the output folder and run again."
+        ) from save_error
+    if do_save and model_dir is not None:
         from .evaluation import checkpoint_bytes
 
         if report.size is not None:
@@ -350,12 +439,24 @@ def plan_for_recipe(recipe: Recipe, model: Optional[str] = None) -> str:
     from .models import resolve_model
     from .plan import resolve_plan
 
-    path = resolve_model(model or recipe.model.get("name_or_path"))
-    cfg = AutoConfig.from_pretrained(path)
+    path = resolve_recipe_model(model or recipe.model.get("name_or_path"), "--model" if model else "model.name_or_path")
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except OSError as exc:
+        raise ConfigError(
+            f"{'--model' if model else 'model.name_or_path'}={path!r} cannot be loaded ({exc}). Give a built-in alias "
+            f"({', '.join(_known_models())}), a local folder written by save_pretrained, or a Hub id reachable from here."
+        ) from exc
+    from .checkpoint import clear_load_guard
+
+    clear_load_guard(cfg)  # an hfptq checkpoint's config: the skeleton is built here, not by from_pretrained
     if recipe.model.get("num_labels"):
         cfg.num_labels = recipe.model["num_labels"]
     auto = _auto_class(recipe.task)
     with torch.device("meta"):
         skeleton = auto.from_config(cfg)
     plan = resolve_plan(skeleton, recipe.to_config())
-    return plan.table() + "\n\n" + plan.summary()
+    out = plan.table() + "\n\n" + plan.summary()
+    if all(e.precision == "skip" for e in plan):
+        out += "\nWarning: this plan skips every module: nothing would be quantized."
+    return out

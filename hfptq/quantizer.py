@@ -37,6 +37,16 @@ class HfPtqQuantizer(HfQuantizer):
         self._dtype = dtype
         return dtype
 
+    def update_attn_implementation(self, config):
+        """Before the model is built (and before Transformers reads the files): undo the checkpoint's load
+        guard and check the local files it would otherwise fail on with a bare error."""
+        if self.pre_quantized:
+            from .checkpoint import clear_load_guard, early_checks
+
+            early_checks(config)
+            clear_load_guard(config)
+        return config
+
     def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
         # quantize-while-loading (hfptq.offload): planned float weights go through get_quantize_ops
         stream = getattr(self, "_hfptq_stream", None)

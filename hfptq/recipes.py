@@ -272,6 +272,14 @@ def load_recipe(path_or_text: Union[str, Path, Mapping[str, Any]], *, source: Op
     )
     quantization = data.get("quantization") or {}
     _check_option_sections(quantization, source)
+    calibration = quantization.get("calibration") if isinstance(quantization, Mapping) else None
+    for key, value in (calibration.items() if isinstance(calibration, Mapping) else ()):
+        if isinstance(value, str) and value.startswith("<in-memory"):
+            raise RecipeError(
+                f"{_where(source, calibration, key)}: quantization.calibration.{key} is {value}: the checkpoint this "
+                "recipe was saved with was calibrated on an in-memory object, which a recipe cannot hold. Save it "
+                "(e.g. Dataset.to_json('calib.jsonl')) and name it here (dataset: json, data_files: calib.jsonl)."
+            )
     try:
         recipe.to_config()  # validates the quantization section now, with the recipe's file in the error
     except RecipeError as exc:

@@ -389,7 +389,9 @@ def test_fresh_process_fails_loudly_without_hfptq_then_reloads_with_it(load_tiny
         import sys, torch
         from transformers import AutoModelForCausalLM
         path = {str(tmp_path / 'model')!r}
-        for kwargs in ({{}}, {{"device_map": "auto"}}, {{"trust_remote_code": True}}):
+        for kwargs in ({{}}, {{"device_map": "auto"}}, {{"trust_remote_code": True}},
+                       {{"ignore_mismatched_sizes": True}}, {{"dtype": torch.float32, "low_cpu_mem_usage": True}},
+                       {{"attn_implementation": "eager"}}):
             try:
                 AutoModelForCausalLM.from_pretrained(path, **kwargs)
                 print("LOADED", kwargs)
@@ -407,10 +409,14 @@ def test_fresh_process_fails_loudly_without_hfptq_then_reloads_with_it(load_tiny
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "LOADED" not in out and "HFPTQ_IMPORTED False" in out
-    assert out.count("RAISED RuntimeError You set `ignore_mismatched_sizes` to `False`") == 3
-    # what the user sees right above the error: the method name and the instruction
-    assert proc.stderr.count("Unknown quantization type, got hfptq") == 3
-    assert proc.stderr.count(ckpt.HINT_KEY) == 3 and "pip_install_hfptq" in ckpt.HINT_KEY
+    # config.json's attn_implementation is the load guard: plain Transformers refuses to build the model, whatever
+    # the loading flags, with the instruction in the error itself
+    assert out.count(f"RAISED ValueError Specified `attn_implementation=\"{ckpt.LOAD_GUARD}\"`") == 5
+    assert "pip_install_hfptq_and_import_hfptq" in ckpt.LOAD_GUARD
+    # an explicit attn_implementation overrides the guard: then the tombstones' size mismatch raises
+    assert out.count("RAISED RuntimeError You set `ignore_mismatched_sizes` to `False`") == 1
+    assert proc.stderr.count("Unknown quantization type, got hfptq") == 6
+    assert proc.stderr.count(ckpt.HINT_KEY) == 1 and "pip_install_hfptq" in ckpt.HINT_KEY
     assert "EQUAL True" in out
     assert "CALIBRATION_IMPORTED False" in out  # nothing was recalibrated
 
