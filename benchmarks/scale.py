@@ -14,7 +14,9 @@ What is measured
   the quantized model's bytes (parameters + buffers), both as ratios to the float checkpoint's bytes,
   wall and process CPU time of the load, and a one-token forward as a smoke check.
 * ``--cap-gb``: the subprocess runs in a cgroup (v1 or v2) whose memory limit is this many GB when
-  one can be created (root); otherwise the cap is reported as not enforced and only measured.
+  one can be created (root); otherwise the cap is reported as not enforced and only measured. A
+  load that exceeds it is killed (reported as failed); the page cache of the mapped checkpoint is
+  reclaimable and does not count against it.
   ``RLIMIT_AS`` cannot be used: the checkpoint is memory-mapped, which counts against it.
 
 Configurations (``--configs``)
@@ -24,6 +26,9 @@ default            ``HfPtqConfig()``: attention kept 16-bit (FP16), FFN + LM hea
 int8               ``HfPtqConfig(scheme={"attention": "int8"})``: every linear int8
 w4                 ``HfPtqConfig(weights={"bits": 4}, activations="none")``: int4 group-128 weights
 =================  ==========================================================================
+
+``<config>-float-first`` (e.g. ``default-float-first``) loads the float model first and quantizes
+after loading, as hfptq did before quantize-while-loading (and still does for calibrated plans).
 
 Run::
 
@@ -60,6 +65,9 @@ CONFIGS = {
     "int8": "HfPtqConfig(scheme={'attention': 'int8'})",
     "w4": "HfPtqConfig(weights={'bits': 4}, activations='none')",
 }
+#: ``<config>-float-first``: the same plan loaded in float and quantized after loading (what every
+#: plan did before quantize-while-loading; HFPTQ_QUANTIZE_WHILE_LOADING=0)
+FLOAT_FIRST = "-float-first"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,7 +225,10 @@ def measure_child(path: str, config_name: str) -> Dict[str, Any]:
 
     hf_logging.set_verbosity_error()
     baseline = _status_kb()
-    config = eval(CONFIGS[config_name], {"HfPtqConfig": HfPtqConfig})  # noqa: S307 - fixed table above
+    expr = CONFIGS[config_name.removesuffix(FLOAT_FIRST)]
+    if config_name.endswith(FLOAT_FIRST):
+        os.environ["HFPTQ_QUANTIZE_WHILE_LOADING"] = "0"
+    config = eval(expr, {"HfPtqConfig": HfPtqConfig})  # noqa: S307 - fixed table above
     wall, cpu = time.perf_counter(), time.process_time()
     with PeakSampler() as sampler:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=config)
@@ -227,7 +238,7 @@ def measure_child(path: str, config_name: str) -> Dict[str, Any]:
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3]])).logits
     return {
-        "config": config_name, "expr": CONFIGS[config_name], "load_wall_s": wall, "load_cpu_s": cpu,
+        "config": config_name, "expr": expr, "load_wall_s": wall, "load_cpu_s": cpu,
         "ru_maxrss_bytes": load_maxrss,  # the kernel's peak up to the end of from_pretrained
         "ru_maxrss_after_forward_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "sampled_peak_bytes": {k: v * 1024 for k, v in sampler.peak.items()},
@@ -240,9 +251,9 @@ def measure_child(path: str, config_name: str) -> Dict[str, Any]:
 
 
 def _cgroup_prefix(cap_gb: Optional[float]) -> tuple:
-    """A command prefix running the child under a memory cgroup of ``cap_gb`` GB, if one can be made."""
+    """(command prefix running the child under a memory cgroup of ``cap_gb`` GB, description, cgroup dir)."""
     if not cap_gb:
-        return [], "none"
+        return [], "none", None
     limit = int(cap_gb * 1e9)
     name = f"hfptq-scale-{os.getpid()}"
     v2 = Path("/sys/fs/cgroup/cgroup.controllers")
@@ -251,21 +262,30 @@ def _cgroup_prefix(cap_gb: Optional[float]) -> tuple:
             group = Path("/sys/fs/cgroup") / name
             group.mkdir()
             (group / "memory.max").write_text(str(limit))
-            return ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh"], f"cgroup v2 memory.max={limit}"
+            return (["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh"],
+                    f"cgroup v2 memory.max {cap_gb:g} GB", group)
         group = Path("/sys/fs/cgroup/memory") / name
         group.mkdir()
         (group / "memory.limit_in_bytes").write_text(str(limit))
-        return ["sh", "-c", f'echo $$ > {group}/tasks && exec "$@"', "sh"], f"cgroup v1 memory.limit_in_bytes={limit}"
+        return (["sh", "-c", f'echo $$ > {group}/tasks && exec "$@"', "sh"],
+                f"cgroup v1 memory.limit_in_bytes {cap_gb:g} GB", group)
     except OSError as exc:
-        return [], f"not enforced ({type(exc).__name__}: {exc})"
+        return [], f"not enforced ({type(exc).__name__}: {exc})", None
 
 
 def run_config(path: Path, config_name: str, cap_gb: Optional[float], threads: int) -> Dict[str, Any]:
-    prefix, enforced = _cgroup_prefix(cap_gb)
+    prefix, enforced, group = _cgroup_prefix(cap_gb)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=str(threads))
     code = (f"import json,sys; sys.path.insert(0,{str(HERE)!r}); import scale; "
             f"print('RESULT'+json.dumps(scale.measure_child({str(path)!r},{config_name!r})))")
-    proc = subprocess.run(prefix + [sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(prefix + [sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    finally:
+        if group is not None:
+            try:
+                group.rmdir()
+            except OSError:
+                pass
     result: Dict[str, Any] = {"config": config_name, "cap": enforced, "returncode": proc.returncode}
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT"):
@@ -321,12 +341,22 @@ def render(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _parse_caps(text: Optional[str]) -> Dict[str, float]:
+    """``"5"`` -> every config 5 GB; ``"default=4.8,w4=2"`` -> per config."""
+    if not text:
+        return {}
+    if "=" not in text:
+        return {"*": float(text)}
+    return {k.strip(): float(v) for k, v in (item.split("=", 1) for item in text.split(","))}
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 28: 3.0 B params)")
     parser.add_argument("--configs", default="default,int8", help=f"comma list of {sorted(CONFIGS)}")
     parser.add_argument("--cache", default=None, help="where the checkpoint is built (never the repository)")
-    parser.add_argument("--cap-gb", type=float, default=None, help="memory cgroup limit for each load, if possible")
+    parser.add_argument("--cap-gb", default=None,
+                        help="memory cgroup limit of each load, if one can be made: GB, or per config 'default=4.8,w4=2'")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="output path (default benchmarks/results/scale-<n>B.json)")
     args = parser.parse_args(argv)
@@ -342,8 +372,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     import transformers
 
     result["transformers"] = transformers.__version__
+    caps = _parse_caps(args.cap_gb)
     for name in args.configs.split(","):
-        result["rows"].append(run_config(folder, name.strip(), args.cap_gb, args.threads))
+        name = name.strip()
+        result["rows"].append(run_config(folder, name, caps.get(name, caps.get("*")), args.threads))
         print(f"{name}: done", file=sys.stderr)
     out = Path(args.json) if args.json else HERE / "results" / f"scale-{record['params'] / 1e9:.1f}B.json"
     out.write_text(json.dumps(result, indent=1))
