@@ -23,13 +23,16 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from .errors import CalibrationError
+
 __all__ = [
     "DECODER_LAYER_PATHS",
+    "LayerStandIn",
     "FINAL_NORM_ATTRS",
     "PRESETS",
     "SMOOTH_TABLE",
@@ -41,6 +44,7 @@ __all__ = [
     "is_conv1d",
     "is_quantizable_linear",
     "linear_shape",
+    "split_layer_call",
     "weight_out_in",
 ]
 
@@ -306,3 +310,73 @@ def find_final_norm(model: nn.Module, layers_name: str) -> Optional[Tuple[str, n
         if isinstance(norm, nn.Module) and isinstance(getattr(norm, "weight", None), torch.Tensor):
             return (f"{parent_name}.{attr}" if parent_name else attr), norm
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Stand-ins for decoder layers (run the model without recomputing its layers)
+# --------------------------------------------------------------------------------------------
+
+
+def split_layer_call(args: tuple, kwargs: dict) -> Tuple[Optional[torch.Tensor], tuple, dict]:
+    """``(hidden_states, other positional args, kwargs)`` of a decoder-layer call.
+
+    Example:
+        >>> split_layer_call((), {"hidden_states": 1, "mask": 2})
+        (1, (), {'mask': 2})
+    """
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs)
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states", None), (), kwargs
+
+
+_NO_OUTPUT = object()
+
+
+class LayerStandIn(nn.Module):
+    """Stands in for a decoder layer: replays a recorded ``output``, or returns its input.
+
+    Without ``output``, the hidden states it receives (or ``inject``, when set) come back wrapped
+    like the real layer's output ``template`` (a tensor, or a tuple/list whose first item is
+    replaced); ``recorder(hidden, other args, kwargs)`` sees every call. Attributes the model's
+    layer loop reads (e.g. ``attention_type``) come from ``original``, which is not a submodule.
+
+    Example:
+        >>> stand_in = LayerStandIn(torch.nn.Identity(), template=(torch.empty(0), None))
+        >>> stand_in(torch.ones(1))
+        (tensor([1.]), None)
+    """
+
+    def __init__(self, original: nn.Module, *, output: Any = _NO_OUTPUT, template: Any = None) -> None:
+        super().__init__()
+        self.template = template
+        self.inject: Optional[torch.Tensor] = None
+        self.recorder: Optional[Callable[[Any, tuple, dict], None]] = None
+        object.__setattr__(self, "_output", output)
+        object.__setattr__(self, "_original", original)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("_original")
+            if original is None:
+                raise
+            return getattr(original, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.__dict__["_output"] is not _NO_OUTPUT:
+            return self.__dict__["_output"]
+        hidden, rest, kw = split_layer_call(args, kwargs)
+        if self.recorder is not None:
+            self.recorder(hidden, rest, kw)
+        if self.inject is not None:
+            hidden = self.inject
+        template = self.template
+        if template is None or isinstance(template, torch.Tensor):
+            return hidden
+        if isinstance(template, tuple):
+            return (hidden,) + tuple(template[1:])
+        if isinstance(template, list):
+            return [hidden] + list(template[1:])
+        raise CalibrationError(f"Unsupported decoder layer output type {type(template).__name__}.")

@@ -89,7 +89,14 @@ from .algorithms.base import (
 )
 from .algorithms.gptq import GPTQStep
 from .algorithms.smoothquant import SmoothQuantStep
-from .architectures import find_decoder_layers, find_module, is_quantizable_linear, weight_out_in
+from .architectures import (
+    LayerStandIn,
+    find_decoder_layers,
+    find_module,
+    is_quantizable_linear,
+    split_layer_call,
+    weight_out_in,
+)
 from .config import OBSERVER_NAMES, HfPtqConfig
 from .errors import CalibrationError, ConfigError
 from .plan import ModuleSpec, Plan
@@ -155,14 +162,6 @@ class CalibrationResult:
 # ------------------------------------------------------------------------------------------------
 
 
-def _split_hidden(args: tuple, kwargs: dict) -> Tuple[Optional[torch.Tensor], tuple, dict]:
-    """``(hidden_states, other positional args, kwargs)`` of a layer call."""
-    if args:
-        return args[0], tuple(args[1:]), dict(kwargs)
-    kwargs = dict(kwargs)
-    return kwargs.pop("hidden_states", None), (), kwargs
-
-
 def _hidden_of(output: Any) -> torch.Tensor:
     """The hidden states a layer returned (a tensor, or the first item of a tuple/ModelOutput)."""
     if isinstance(output, torch.Tensor):
@@ -177,17 +176,6 @@ def _hidden_of(output: Any) -> torch.Tensor:
     )
 
 
-def _format_like(template: Any, hidden: torch.Tensor) -> Any:
-    """Wrap ``hidden`` the way the real layer wrapped its output (tensor or tuple)."""
-    if isinstance(template, torch.Tensor):
-        return hidden
-    if isinstance(template, tuple):
-        return (hidden,) + tuple(template[1:])
-    if isinstance(template, list):
-        return [hidden] + list(template[1:])
-    raise CalibrationError(f"Unsupported decoder layer output type {type(template).__name__}.")
-
-
 def _sanitize_call(rest: tuple, kwargs: dict) -> Tuple[tuple, dict]:
     """Drop KV caches from a recorded layer call so that replaying it never grows a cache."""
     def is_cache(value: Any) -> bool:
@@ -198,33 +186,6 @@ def _sanitize_call(rest: tuple, kwargs: dict) -> Tuple[tuple, dict]:
     if "use_cache" in kwargs:
         kwargs["use_cache"] = False
     return rest, kwargs
-
-
-class _PassThrough(nn.Module):
-    """Stand-in for a decoder layer in the tail pass: returns its input (or injected states)."""
-
-    def __init__(self, template: Any, original: nn.Module) -> None:
-        super().__init__()
-        self.template = template
-        self.inject: Optional[torch.Tensor] = None
-        self.recorder: Optional[Callable[[Any, tuple, dict], None]] = None
-        # not a submodule: attributes the model's loop reads (e.g. ``attention_type``) come from it
-        object.__setattr__(self, "_original", original)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            original = self.__dict__.get("_original")
-            if original is None:
-                raise
-            return getattr(original, name)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        hidden, rest, kw = _split_hidden(args, kwargs)
-        if self.recorder is not None:
-            self.recorder(hidden, rest, kw)
-        return _format_like(self.template, hidden if self.inject is None else self.inject)
 
 
 def _forward_accepts(model: nn.Module, name: str) -> bool:
@@ -759,7 +720,7 @@ class _Engine:
             for b, (start, end) in enumerate(self.slices):
                 self.batch_index = b
                 templates = self.templates[end - start]
-                stubs = {i: _PassThrough(templates[i], originals[i]) for i in self.order}
+                stubs = {i: LayerStandIn(originals[i], template=templates[i]) for i in self.order}
                 stubs[last].inject = self.cache[start:end].to(_module_device(originals[last], self.input_device))
                 for i, stub in stubs.items():
                     layers[i] = stub
@@ -809,7 +770,7 @@ class _Engine:
 
         def pre(index: int):
             def hook(module, args, kwargs):
-                hidden, rest, kw = _split_hidden(args, kwargs)
+                hidden, rest, kw = split_layer_call(args, kwargs)
                 record(index, hidden, rest, kw)
             return hook
 
@@ -833,7 +794,7 @@ class _Engine:
                     handles.append(layers[index].register_forward_hook(post(index), with_kwargs=True))
             else:
                 for index in range(n):
-                    stub = _PassThrough(torch.empty(0), originals[index])
+                    stub = LayerStandIn(originals[index], template=torch.empty(0))
                     stub.recorder = (lambda h, r, k, _i=index: record(_i, h, r, k, passthrough=True))
                     layers[index] = stub
             # never compute logits, even when the loop skips the last layers of the list
@@ -891,7 +852,7 @@ class _Engine:
                 captured: Dict[str, Any] = {}
 
                 def capture(module, args, kwargs):
-                    captured["hidden"] = _split_hidden(args, kwargs)[0]
+                    captured["hidden"] = split_layer_call(args, kwargs)[0]
                     raise _StopForward
 
                 handle = layers[self.order[0]].register_forward_pre_hook(capture, with_kwargs=True)

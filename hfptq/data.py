@@ -57,6 +57,15 @@ import torch
 from tqdm.auto import tqdm
 
 from hfptq.errors import DataError, suggest
+from hfptq.offline.datasets import (
+    DATA_DIR_ENV,
+    base_split as _base_split,
+    known_dataset as _known_dataset,
+    local_copy,
+    offline_hint as _offline_hint,
+    shared_data_dir,
+    wikitext_rows as _wikitext_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +83,6 @@ __all__ = [
     "tokenize_corpus",
     "wants_bos",
 ]
-
-DATA_DIR_ENV = "HFPTQ_DATA_DIR"
-"""Environment variable naming the offline data folder (layout of ``shared/data``)."""
 
 DEFAULT_SPEC: dict[str, Any] = {
     "dataset": None,
@@ -115,95 +121,6 @@ _ITER_BATCH = 256  # rows read (and tokenized) per step
 # --------------------------------------------------------------------------------------------------------------
 # Where the data comes from
 # --------------------------------------------------------------------------------------------------------------
-def shared_data_dir() -> Path | None:
-    """Return the offline data folder, or ``None`` when there is none.
-
-    Looks at ``$HFPTQ_DATA_DIR`` first (returned as given, even if it does not exist, so a typo surfaces as an
-    error later), then for a ``shared/data`` folder next to the project: ``../shared/data`` relative to the
-    repository root, then relative to the current directory.
-
-    Example:
-        >>> root = shared_data_dir()  # doctest: +SKIP
-        >>> load_split({"dataset": "Salesforce/wikitext", "config": "wikitext-2-raw-v1"}, data_dir=root)
-        ... # doctest: +SKIP
-    """
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        return Path(env).expanduser()
-    repo_root = Path(__file__).resolve().parent.parent
-    for candidate in (repo_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
-        if candidate.is_dir():
-            return candidate.resolve()
-    return None
-
-
-@dataclass(frozen=True)
-class _KnownDataset:
-    """A Hub dataset with a local copy in the offline data folder."""
-
-    key: str
-    hub_name: str
-    names: tuple[str, ...]  # lower-case names that select it
-    configs: tuple[str | None, ...]
-    splits: Mapping[str, str]  # split -> main data file, relative to the data dir
-    builder: str
-    builder_kwargs: Mapping[str, Any]
-
-
-_KNOWN_DATASETS = (
-    _KnownDataset(
-        key="wikitext",
-        hub_name="Salesforce/wikitext",
-        names=("wikitext", "salesforce/wikitext"),
-        configs=(None, "wikitext-2-raw-v1", "wikitext-103-raw-v1"),
-        splits={"validation": "wikitext-2-raw/wiki.valid.raw", "test": "wikitext-2-raw/wiki.test.canonical.raw"},
-        builder="text",
-        builder_kwargs={"keep_linebreaks": True},
-    ),
-    _KnownDataset(
-        key="piqa",
-        hub_name="ybisk/piqa",
-        names=("piqa", "ybisk/piqa"),
-        configs=(None, "plain_text", "default"),
-        splits={"validation": "piqa/valid.jsonl"},
-        builder="json",
-        builder_kwargs={},
-    ),
-    _KnownDataset(
-        key="ag_news",
-        hub_name="fancyzhx/ag_news",
-        names=("ag_news", "fancyzhx/ag_news"),
-        configs=(None, "default"),
-        splits={"test": "ag_news_csv/test.csv"},
-        builder="csv",
-        builder_kwargs={
-            "column_names": ["label", "title", "description"],
-            # Titles such as "NA" must stay text: no NaN detection.
-            "keep_default_na": False,
-            "na_filter": False,
-            "features": datasets.Features(
-                {"label": datasets.Value("int64"), "title": datasets.Value("string"),
-                 "description": datasets.Value("string")}
-            ),
-        },
-    ),
-    _KnownDataset(
-        key="lambada_openai",
-        hub_name="EleutherAI/lambada_openai",
-        names=("lambada_openai", "eleutherai/lambada_openai"),
-        configs=(None, "default", "en"),
-        splits={"test": "lambada_openai/lambada_test.jsonl"},
-        builder="json",
-        builder_kwargs={},
-    ),
-)
-
-
-def _known_dataset(name: str) -> _KnownDataset | None:
-    lowered = name.lower()
-    return next((k for k in _KNOWN_DATASETS if lowered in k.names), None)
-
-
 @dataclass
 class _Source:
     """How to load one spec: ``datasets.load_dataset`` kwargs plus a row fix-up that makes local copies match."""
@@ -232,11 +149,6 @@ def _normalize_spec(spec: Mapping[str, Any] | str | os.PathLike | datasets.Datas
     if not isinstance(merged["split"], str):
         raise DataError(f"split: expected a split name such as 'validation', got {merged['split']!r}.")
     return merged
-
-
-def _base_split(split: str) -> str:
-    """``"validation[:10%]"`` -> ``"validation"`` (the name data files are registered under)."""
-    return re.split(r"[\[+]", split, maxsplit=1)[0].strip()
 
 
 def _looks_like_path(name: str) -> bool:
@@ -274,7 +186,8 @@ def _resolve(spec: Mapping[str, Any], data_dir: str | os.PathLike | None) -> _So
     if known is not None and data_files is None:
         root = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
         if root is not None:
-            return _local_known_source(known, Path(root).expanduser(), config, split)
+            kwargs, description, postprocess = local_copy(known, Path(root).expanduser(), config, split)
+            return _Source(kwargs, description, postprocess=postprocess)
     if known is not None and known.key == "wikitext" and data_files is not None:
         # The user's own WikiText raw files: the text builder plus the Hub row convention.
         return _Source(
@@ -319,36 +232,6 @@ def _resolve(spec: Mapping[str, Any], data_dir: str | os.PathLike | None) -> _So
     return _Source(kwargs, f"Hub dataset {label}", hub=True)
 
 
-def _local_known_source(known: _KnownDataset, root: Path, config: str | None, split: str) -> _Source:
-    where = f"the offline data dir {str(root)!r}"
-    if config not in known.configs:
-        local = ", ".join(repr(c) for c in known.configs if c is not None)
-        raise DataError(
-            f"config: {config!r} of {known.key!r} has no local copy in {where} (local configs: {local}). "
-            f"Use one of those, or unset {DATA_DIR_ENV} to read the Hub."
-        )
-    base = _base_split(split)
-    if base not in known.splits:
-        raise DataError(
-            f"split: {base!r} of {known.key!r} has no local copy in {where}; available: "
-            f"{', '.join(known.splits)}.{suggest(base, known.splits)}"
-        )
-    data_file = root / known.splits[base]
-    if not data_file.is_file():
-        raise DataError(
-            f"{DATA_DIR_ENV}: {str(data_file)!r} is missing, so {known.key!r} ({base}) cannot be read offline. "
-            f"Point {DATA_DIR_ENV} at a folder with the shared/data layout, or give data_files explicitly."
-        )
-    kwargs = {"path": known.builder, "data_files": {base: str(data_file)}, "split": split, **known.builder_kwargs}
-    postprocess = {
-        "wikitext": _wikitext_rows,
-        "piqa": lambda ds: _attach_piqa_labels(ds, data_file.with_name("valid-labels.lst"), split),
-        "ag_news": lambda ds: _ag_news_rows(ds, data_file.with_name("classes.txt")),
-        "lambada_openai": None,
-    }[known.key]
-    return _Source(kwargs, f"{known.key!r} (local copy in {str(root)!r})", postprocess=postprocess)
-
-
 def resolve_source(spec: Mapping[str, Any], *, data_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Return the keyword arguments :func:`load_split` gives to ``datasets.load_dataset`` for ``spec``.
 
@@ -371,64 +254,8 @@ def resolve_source(spec: Mapping[str, Any], *, data_dir: str | os.PathLike | Non
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Local copies -> Hub-identical rows
-# --------------------------------------------------------------------------------------------------------------
-def _wikitext_row(line: str) -> str:
-    line = line.replace("\r\n", "\n").replace("\r", "\n")
-    if not line.strip():
-        return ""
-    return line if line.endswith("\n") else line + "\n"
-
-
-def _wikitext_rows(ds: datasets.Dataset) -> datasets.Dataset:
-    """Hub WikiText rows: ``""`` for blank lines, every other row ends in ``"\\n"``, no CR."""
-    return ds.map(lambda batch: {"text": [_wikitext_row(t) for t in batch["text"]]}, batched=True,
-                  desc="WikiText rows")
-
-
-def _attach_piqa_labels(ds: datasets.Dataset, labels_file: Path, split: str) -> datasets.Dataset:
-    if not labels_file.is_file():
-        raise DataError(f"{DATA_DIR_ENV}: PIQA labels {str(labels_file)!r} are missing next to the inputs.")
-    labels = [int(line) for line in labels_file.read_text(encoding="utf-8").split()]
-    if _base_split(split) != split:
-        raise DataError(f"split: slicing ({split!r}) is not supported for the local PIQA copy; use "
-                        f"load_piqa(limit=...) or the plain split 'validation'.")
-    if len(labels) != len(ds):
-        raise DataError(f"PIQA: {str(labels_file)!r} has {len(labels)} labels for {len(ds)} rows; the files do "
-                        f"not belong together.")
-    return ds.add_column("label", labels)
-
-
-def _ag_news_rows(ds: datasets.Dataset, classes_file: Path) -> datasets.Dataset:
-    """Hub AG News rows: ``text = title + " " + description`` (kept verbatim, backslashes included, exactly as the
-    Hub builder does), 0-based ``label`` as a ClassLabel named after ``classes.txt``."""
-    names = ["World", "Sports", "Business", "Sci/Tech"]
-    if classes_file.is_file():
-        names = [line.strip() for line in classes_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    ds = ds.map(
-        lambda b: {"text": [f"{t} {d}" for t, d in zip(b["title"], b["description"])],
-                   "label": [int(x) - 1 for x in b["label"]]},
-        batched=True, remove_columns=["title", "description"], desc="AG News rows",
-    )
-    ds = ds.select_columns(["text", "label"])
-    return ds.cast_column("label", datasets.ClassLabel(names=names))
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------
-def _offline_hint() -> str:
-    local = shared_data_dir()
-    known = ", ".join(k.hub_name for k in _KNOWN_DATASETS)
-    hint = (
-        f"Point at local files instead: dataset: json|text|csv|parquet with data_files: path/to/file, or set "
-        f"{DATA_DIR_ENV}=<folder> with the shared/data layout to read {known} from disk."
-    )
-    if local is not None and not os.environ.get(DATA_DIR_ENV):
-        hint += f" A local copy was found: {DATA_DIR_ENV}={local}"
-    return hint
-
-
 def _load(source: _Source) -> datasets.Dataset:
     kwargs = source.load_kwargs
     try:
