@@ -47,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument("--no-save", action="store_true", help="do not write the quantized checkpoint")
     run.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the quantized checkpoint to this Hub repo")
+    run.add_argument("--format", choices=["hfptq", "compressed-tensors"],
+                     help="checkpoint format (default: the recipe's output.format, else hfptq); compressed-tensors "
+                          "loads without hfptq (stock Transformers, vLLM, SGLang)")
+    run.add_argument("--allow-deviation", action="store_true",
+                     help="with --format compressed-tensors: export modules the format cannot express exactly "
+                          "(symmetric activations) and print the measured deviation")
+
+    export = sub.add_parser("export", help="convert a saved hfptq checkpoint to another format (compressed-tensors)")
+    export.add_argument("checkpoint", help="folder written by save_pretrained / hfptq run")
+    export.add_argument("output", help="folder for the exported checkpoint")
+    export.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"])
+    export.add_argument("--allow-deviation", action="store_true",
+                        help="export modules the format cannot express exactly, printing the measured deviation")
     ev = sub.add_parser("eval", help="evaluate a saved quantized checkpoint against its float model")
     ev.add_argument("checkpoint", help="folder written by save_pretrained / hfptq run")
     ev.add_argument("--recipe", default=None,
@@ -70,6 +83,10 @@ def _run(args) -> int:
     from .recipes import find_recipe, load_recipe
 
     recipe = load_recipe(find_recipe(args.recipe))
+    if args.format:
+        recipe.output["format"] = args.format
+    if args.allow_deviation:
+        recipe.output["allow_deviation"] = True
     run_recipe(recipe, model=args.model, data_dir=args.data_dir, output_dir=args.output, quick=args.quick,
                save=False if args.no_save else None, push_to_hub=args.push_to_hub, progress=not args.no_progress)
     return 0
@@ -83,6 +100,14 @@ def _eval(args) -> int:
                                       progress=not args.no_progress)
     print(report.console_summary())
     print(f"\nReport: {out}")
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.output, format=args.format, allow_deviation=args.allow_deviation)
+    print(f"Exported {args.checkpoint} as {args.format}: {result.directory}")
     return 0
 
 
@@ -130,7 +155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"run": _run, "eval": _eval, "plan": _plan, "recipes": _recipes, "model": _model}
+    handlers = {"run": _run, "eval": _eval, "plan": _plan, "recipes": _recipes, "model": _model, "export": _export}
     try:
         return handlers[args.command](args)
     except HfPtqError as exc:

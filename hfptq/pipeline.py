@@ -384,6 +384,8 @@ def run_recipe(
     files: Dict[str, Path] = {}
     model_dir: Optional[Path] = None
     save_error: Optional[BaseException] = None
+    from .export import evaluate_export, export_options
+
     if do_save:
         model_dir = out / "model"
         quantized.hfptq_report = report.to_dict()
@@ -392,7 +394,8 @@ def run_recipe(
             quantized.hfptq_base_model = recipe.model.get("name_or_path")
         try:
             with report.timer("save"):
-                quantized.save_pretrained(model_dir, max_shard_size=recipe.output.get("max_shard_size") or "2GB")
+                quantized.save_pretrained(model_dir, max_shard_size=recipe.output.get("max_shard_size") or "2GB",
+                                          **export_options(recipe.output))
                 tokenizer.save_pretrained(model_dir)
         except Exception as exc:  # the evaluation is done: write its report before giving up
             save_error, model_dir = exc, None
@@ -415,6 +418,8 @@ def run_recipe(
                 "float_bytes": float_ckpt, "quantized_bytes": quant_ckpt,
                 "ratio": (float_ckpt / quant_ckpt) if float_ckpt and quant_ckpt else None,
             }
+    if do_save and model_dir is not None and export_options(recipe.output):
+        evaluate_export(recipe, model_dir, tokenizer, report, progress=progress)  # reloaded without hfptq
     repo = push_to_hub or (recipe.output.get("push_to_hub") or {}).get("repo_id")
     if repo:
         options = dict(recipe.output.get("push_to_hub") or {})

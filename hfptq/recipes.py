@@ -64,7 +64,7 @@ _SCHEMA: Dict[str, Any] = {
         "sensitivity": {"top_k": int, "num_samples": int, "seq_len": int, "method": str},
     },
     "output": {"dir": str, "save": bool, "max_shard_size": (str, type(None)), "plots": bool,
-               "push_to_hub": (dict, type(None))},
+               "push_to_hub": (dict, type(None)), "format": str, "allow_deviation": bool},
 }
 _TASKS = ("causal-lm", "sequence-classification")
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -263,6 +263,14 @@ def load_recipe(path_or_text: Union[str, Path, Mapping[str, Any]], *, source: Op
     if model.get("dtype", "float32") not in _DTYPES:
         raise RecipeError(
             f"{_where(source, data['model'], 'dtype')}: model.dtype={model['dtype']!r}; choose one of {', '.join(_DTYPES)}."
+        )
+    output_format = (data.get("output") or {}).get("format", "hfptq")
+    from .export import FORMATS
+
+    if output_format not in FORMATS:
+        raise RecipeError(
+            f"{_where(source, data['output'], 'format')}: output.format={output_format!r}.{suggest(output_format, FORMATS)} "
+            f"Choose one of: {', '.join(FORMATS)} (compressed-tensors: loads without hfptq, served by vLLM/SGLang)."
         )
     name = data.get("name") or (Path(source).stem if source and source.endswith((".yaml", ".yml")) else "recipe")
     recipe = Recipe(

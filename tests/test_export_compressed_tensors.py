@@ -14,8 +14,12 @@ output, plus the logits. This process then checks, with bounds from the arithmet
 3. **module outputs**: on rows without such a tie, |hfptq - reloaded| <= (K + 2) u (|x_dq| |W_dq|^T + |b|)
    with u = 2^-24, K = in_features: the float32 dot-product error bound of the reloaded
    ``F.linear`` (hfptq's int32 accumulation is exact) plus the rounding of the two rescales;
-4. **logits**: when no tie occurred anywhere, max |diff| <= 1e-4 max |logit| (every matmul differs
-   by at most ~K u = 8e-6 relative, a few dozen matmuls and norms compound it well below 1e-4).
+4. **logits**: for weight-only plans max |diff| <= 1e-4 max |logit| (no activation rounding: every
+   matmul differs by at most ~K u = 8e-6 relative, a few dozen matmuls and norms compound it well
+   below 1e-4). With quantized activations a 1e-7 difference upstream can move a value across a
+   rounding boundary of a later per-token quantization (one integer step), which no bound on
+   float noise covers: end to end those plans are only checked loosely (2% of max |logit|, argmax
+   agreement >= 90%); checks 1-3, module by module on identical inputs, are the exact ones.
 """
 from __future__ import annotations
 
@@ -207,8 +211,15 @@ def test_every_exportable_plan_reloads_without_hfptq(float_dir, calib_file, tmp_
         with torch.no_grad():
             ours = model(input_ids=ids).logits
         diff = float((ours - stock["logits"]).abs().max())
-        if flips == 0:
+        weight_only = all((model.get_submodule(m).act_mode == "none") for m in stock["modules"])
+        if weight_only:
             assert diff <= 1e-4 * float(ours.abs().max()), (name, diff)
+        else:
+            # a 1e-7 difference upstream can push a value across a rounding boundary of a later per-token
+            # quantization (one integer step, in either model): end to end only a loose check; checks 1-3 above
+            # are the exact ones (measured: 4e-7 without such a flip, 6e-3 with one, on |logits| ~1.4)
+            assert diff <= 0.02 * float(ours.abs().max()), (name, diff, flips)
+            assert float((ours.argmax(-1) == stock["logits"].argmax(-1)).float().mean()) >= 0.9, name
         assert (folder / "README.md").read_text().count("vLLM") >= 1
         assert not list(tmp_path.glob(".*hfptq-partial*"))
 
@@ -270,3 +281,55 @@ def test_pack_int32_matches_compressed_tensors(bits):
     values = torch.randint(lo, hi + 1, (5, 40), generator=torch.Generator().manual_seed(bits), dtype=torch.int8)
     values[0, :2] = torch.tensor([lo, hi], dtype=torch.int8)
     assert torch.equal(pack_int32(values, bits), pack_to_int32(values, bits))
+
+
+def test_recipe_output_format_exports_and_reports_reloaded_perplexity(float_dir, tmp_path, monkeypatch):
+    from hfptq.data import shared_data_dir
+    from hfptq.pipeline import run_recipe
+    from hfptq.recipes import load_recipe
+
+    if shared_data_dir() is None:
+        pytest.skip("../shared/data not found")
+    recipe = load_recipe({
+        "version": 1, "name": "ct", "model": {"name_or_path": str(float_dir)},
+        "quantization": {"compute_dtype": "float32"},
+        "evaluation": {"perplexity": {"dataset": "wikitext", "config": "wikitext-2-raw-v1", "split": "test",
+                                      "seq_len": 32, "max_windows": 4}},
+        "output": {"dir": str(tmp_path / "out"), "format": "compressed-tensors", "plots": False},
+    })
+    monkeypatch.setenv("HFPTQ_DATA_DIR", str(shared_data_dir()))
+    result = run_recipe(recipe, progress=False, print_summary=False)
+    config = json.loads((result.model_dir / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert (result.model_dir / "tokenizer.json").exists()
+    p = result.report.perplexity
+    exported = p["exported"]
+    assert exported["format"] == "compressed-tensors"
+    # same integers and scales, float32 everywhere: the reloaded model scores the same windows up to float
+    # summation noise and the rare one-step rounding flips of checks 2/4 above (mean NLL of ~120 tokens)
+    assert exported["nll"] == pytest.approx(p["quantized_nll"], abs=1e-3)
+    assert "export reloaded without hfptq" in result.report.console_summary()
+
+
+def test_bad_output_format_in_recipe_names_the_field(tmp_path):
+    from hfptq.errors import RecipeError
+    from hfptq.recipes import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("version: 1\nname: x\noutput:\n  format: compresed-tensors\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert f"{path}:4" in str(info.value) and "Did you mean 'compressed-tensors'" in str(info.value)
+
+
+def test_cli_export_converts_a_saved_hfptq_checkpoint(float_dir, tmp_path, capsys):
+    from hfptq.cli import main
+
+    model = _quantize(float_dir, activations="none")
+    model.save_pretrained(tmp_path / "hfptq")
+    assert main(["export", str(tmp_path / "hfptq"), str(tmp_path / "ct")]) == 0
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    assert main(["export", str(float_dir), str(tmp_path / "ct2")]) == 2
+    assert "not an hfptq checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "ct2").exists()

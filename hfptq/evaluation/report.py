@@ -179,6 +179,14 @@ class QualityReport:
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     # ------------------------------------------------------------------------------ builders
+    def set_exported_perplexity(self, exported: PerplexityResult, *, format: str) -> "QualityReport":
+        """Record the perplexity of the checkpoint exported in ``format``, reloaded without hfptq (same settings
+        as :meth:`set_perplexity`, which must come first)."""
+        if self.perplexity is not None:
+            self.perplexity["exported"] = {"format": format, "perplexity": exported.perplexity, "nll": exported.nll,
+                                           "rel_drop": exported.perplexity / self.perplexity["float"] - 1.0}
+        return self
+
     def set_perplexity(
         self, reference: PerplexityResult, quantized: PerplexityResult, *, dataset: Optional[str] = None
     ) -> "QualityReport":
@@ -383,6 +391,11 @@ class QualityReport:
             label = f"perplexity ({p['dataset']})" if p.get("dataset") else "perplexity"
             rows.append((label, _fmt_num(p["float"]), _fmt_num(p["quantized"]),
                          f"{p['abs_drop']:+.4f} ({_fmt_signed_pct(p['rel_drop'])})"))
+            e = p.get("exported")
+            if e:
+                rows.append((f"perplexity, {e['format']} export reloaded without hfptq", _fmt_num(p["float"]),
+                             _fmt_num(e["perplexity"]), f"{e['perplexity'] - p['float']:+.4f} "
+                             f"({_fmt_signed_pct(e['rel_drop'])})"))
         for task, section in self.accuracy.items():
             for name, m in section["metrics"].items():
                 rows.append((f"{task} {name}", _fmt_pct(m["float"]), _fmt_pct(m["quantized"]),

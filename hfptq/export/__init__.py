@@ -8,7 +8,7 @@ Example:
     >>> hfptq.export_compressed_tensors(model, "out/gemma-w8a8")               # the same
 """
 import os
-from typing import Any, Union
+from typing import Any, Dict, Union
 
 from torch import nn
 
@@ -47,8 +47,85 @@ def export_model(model: nn.Module, save_directory: Union[str, os.PathLike], form
                                      max_shard_size=max_shard_size)
 
 
+def export_options(output: Dict[str, Any]) -> Dict[str, Any]:
+    """``save_pretrained`` keyword arguments for a recipe's ``output`` section (empty for hfptq's own format).
+
+    Example:
+        >>> export_options({"format": "compressed-tensors"})
+        {'format': 'compressed-tensors', 'allow_deviation': False}
+        >>> export_options({})
+        {}
+    """
+    fmt = output.get("format") or "hfptq"
+    if fmt == "hfptq":
+        return {}
+    return {"format": fmt, "allow_deviation": bool(output.get("allow_deviation", False))}
+
+
+def evaluate_export(recipe: Any, folder: Union[str, os.PathLike], tokenizer: Any, report: Any, *,
+                    progress: bool = True) -> None:
+    """Perplexity of an exported checkpoint reloaded with stock Transformers (no hfptq module involved),
+    with the recipe's perplexity settings, recorded in ``report`` next to hfptq's own numbers."""
+    ev = recipe.evaluation.get("perplexity")
+    if ev is None or recipe.task != "causal-lm" or report.perplexity is None:
+        return
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..evaluation import perplexity
+    from ..pipeline import _DTYPES, _bos, _corpus_ids
+
+    spec = {k: v for k, v in ev.items() if k in ("dataset", "config", "split", "data_files", "text_column")}
+    spec.setdefault("dataset", "wikitext")
+    ids = _corpus_ids(spec, tokenizer)
+    dtype = _DTYPES[recipe.model.get("dtype", "float32")]
+    with report.timer("perplexity (exported, reloaded)"):
+        model = AutoModelForCausalLM.from_pretrained(os.fspath(folder), dtype=dtype).eval()
+        with torch.no_grad():
+            result = perplexity(model, ids, seq_len=ev.get("seq_len", 512), stride=ev.get("stride"),
+                                batch_size=ev.get("batch_size", 1), bos_token_id=_bos(tokenizer),
+                                max_windows=ev.get("max_windows"), progress=progress)
+        del model
+    report.set_exported_perplexity(result, format=recipe.output.get("format"))
+
+
+def export_checkpoint(checkpoint: Union[str, os.PathLike], output: Union[str, os.PathLike], *,
+                      format: str = CT_FORMAT, allow_deviation: bool = False) -> ExportResult:
+    """Reload a saved hfptq checkpoint and export it (``hfptq export``); tokenizer files are copied along.
+
+    Example:
+        >>> hfptq.export.export_checkpoint("outputs/gemma3-270m-default/model", "gemma-ct")   # doctest: +SKIP
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+
+    folder = Path(checkpoint)
+    try:
+        qcfg = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("quantization_config") or {}
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{folder} has no readable config.json ({exc}); pass a folder written by save_pretrained.",
+                          key="checkpoint") from exc
+    if qcfg.get("quant_method") != "hfptq":
+        raise ExportError(f"{folder} is not an hfptq checkpoint (quant_method {qcfg.get('quant_method')!r}); "
+                          "quantize the model with hfptq first.", key="checkpoint")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    result = export_model(model, output, format, allow_deviation=allow_deviation)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                 "vocab.json", "merges.txt", "chat_template.jinja"):
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, Path(output) / name)
+    return result
+
+
 __all__ = [
     "FORMATS",
+    "export_options",
+    "evaluate_export",
+    "export_checkpoint",
     "export_model",
     "CT_FORMAT",
     "ExportError",
