@@ -135,7 +135,9 @@ def measure_latency(
         ``prefill_wall_s_runs``, ``prefill_tokens_per_s``; ``decode_tokens_per_s``,
         ``decode_ms_per_token``, ``generate_wall_s`` and ``generate_cpu_s`` (medians for
         ``new_tokens``), ``generate_wall_s_runs`` (``None`` values and ``decode_skipped`` when the
-        model cannot ``generate``); ``peak_rss_bytes``; ``peak_gpu_bytes`` on CUDA.
+        model cannot ``generate``); ``peak_rss_bytes``; ``peak_gpu_bytes`` on CUDA; for a model
+        with hfptq modules, ``backends`` (:func:`hfptq.quant.backends.describe_model`: the kernels
+        each module kind ran and why) and ``cpu_features``.
 
     Example:
         >>> lat = measure_latency(model, prompt_len=256, new_tokens=32, threads=4)
@@ -196,6 +198,12 @@ def measure_latency(
         if threads is not None:
             torch.set_num_threads(previous_threads)
     result["peak_rss_bytes"] = peak_rss_bytes()
+    from ..quant.backends import cpu_features, describe_model
+
+    kinds = describe_model(model)
+    if kinds:  # which kernels the quantized modules ran, and why (hfptq.quant.backends)
+        result["backends"] = kinds
+        result["cpu_features"] = cpu_features().describe()
     if device.type == "cuda":
         result["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(device))
     logger.info(

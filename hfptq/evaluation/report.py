@@ -66,7 +66,7 @@ ACCURACY_METRICS = ("acc", "acc_norm", "accuracy", "accuracy_norm")
 #: Latency fields kept per model in the report.
 _LATENCY_FIELDS = (
     "prefill_wall_s", "prefill_cpu_s", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_ms_per_token",
-    "generate_wall_s", "generate_cpu_s", "threads", "peak_rss_bytes", "peak_gpu_bytes",
+    "generate_wall_s", "generate_cpu_s", "threads", "peak_rss_bytes", "peak_gpu_bytes", "backends", "cpu_features",
 )
 _LATENCY_SETTINGS = ("device", "threads", "batch_size", "prompt_len", "new_tokens", "repeats", "warmup")
 
@@ -454,6 +454,10 @@ class QualityReport:
             lines.append("most sensitive modules (loss increase):")
             width = max(len(r["module"]) for r in top)
             lines += [f"  {r['module'].ljust(width)}  {r['loss_increase']:+.4f}" for r in top]
+        kinds = (self.latency or {}).get("quantized", {}).get("backends")
+        if kinds:
+            lines.append("kernels of the quantized model: " + "; ".join(
+                f"{k['kind']} -> {k['backend']}" for k in kinds) + " (why: the report's markdown, hfptq.summary)")
         if self.timings:
             lines.append("timings: " + ", ".join(f"{k} {_fmt_seconds(v)}" for k, v in self.timings.items()))
         if not rows and len(lines) == 1:
@@ -544,6 +548,12 @@ class QualityReport:
             md.append(f"| Threads | {f.get('threads', 'n/a')} | {q.get('threads', 'n/a')} | |")
             if lat.get("warning"):
                 md += ["", f"> Warning: {lat['warning']}"]
+            kinds = q.get("backends")
+            if kinds:
+                md += ["", f"Kernels of the quantized model on {q.get('cpu_features', 'this machine')} "
+                           "(`hfptq.quant.backends`):", "", "| Module kind | Modules | Backend | Why |",
+                       "| --- | ---: | --- | --- |"]
+                md += [f"| {k['kind']} | {k['modules']} | {k['backend']} | {k['reason']} |" for k in kinds]
             md += ["", "_CPU time is summed over all threads of the process; CPU/wall ≈ cores kept busy._", ""]
 
         if self.peak_memory:

@@ -354,3 +354,24 @@ def test_summary_says_which_backend_each_kind_uses_and_why(monkeypatch, load_tin
     kinds = {e["kind"]: e for e in backends.describe_model(model)}
     plan = hfptq.get_plan(model)
     assert kinds["float16 storage"]["modules"] == plan.by_precision().get("fp16", 0)
+
+
+def test_report_shows_the_backends_of_the_quantized_model(load_tiny):
+    import hfptq
+    from hfptq.evaluation.latency import measure_latency
+    from hfptq.evaluation.report import QualityReport
+
+    ref = load_tiny("llama")
+    model = load_tiny("llama")
+    hfptq.quantize_model(model, hfptq.HfPtqConfig(), progress=False)
+    kw = dict(prompt_len=8, new_tokens=2, repeats=1, warmup=0)
+    lf, lq = measure_latency(ref, **kw), measure_latency(model, **kw)
+    assert "backends" not in lf
+    assert lq["backends"] == backends.describe_model(model)
+    assert lq["cpu_features"] == backends.cpu_features().describe()
+    report = QualityReport(model_name="tiny-llama").set_latency(lf, lq)
+    md = report.to_markdown()
+    route = backends.w8a8_backend()
+    assert f"| W8A8 dynamic asym | {len([e for e in hfptq.get_plan(model) if e.precision == 'int8'])} | {route.name} | {route.reason} |" in md
+    assert f"W8A8 dynamic asym -> {route.name}" in report.console_summary()
+    assert QualityReport.from_dict(report.to_dict()).to_markdown() == md
