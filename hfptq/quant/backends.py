@@ -20,7 +20,11 @@ what the CPU does natively. hfptq decides once per process from capability facts
                           which cannot saturate, so FBGEMM's sums are exact for those operands. The
                           outputs are exactly the reference math *with 7-bit activations*; they differ
                           from the 8-bit reference by the coarser activation grid (README *Speed*
-                          gives the measured perplexity).
+                          gives the measured perplexity). Logged once.
+  ``fbgemm-split``        (only when forced) the 8-bit reference's integers on such a CPU: FBGEMM's
+                          uint8 input split into a 7-bit half and a low bit, two passes, combined in
+                          int32. Exact, but measured at or above FP32's time (two GEMMs plus the
+                          split), so it is never chosen automatically.
   ``float-exact``         nothing above applies: the integer matmul runs as a float32 (float64 for
                           inputs wider than 1,023) matmul of the integer values, exact but about as
                           slow as the float module, or slower. A warning says so once per process.
@@ -29,7 +33,8 @@ what the CPU does natively. hfptq decides once per process from capability facts
   ``torch._int_mm`` is used on CPU only with AVX512-VNNI: without it torch runs a scalar loop
   (measured 1,154 ms for a ``[512 x 640] x [640 x 2048]`` product on an AVX2-only EPYC, where
   float32 takes 18 ms). Static activations and asymmetric or 4-bit weights take ``float-exact``
-  under ``fbgemm-a7`` (their 8-bit integers cannot be reduced to 7 bits exactly).
+  under ``fbgemm-a7`` (their 8-bit integers cannot be reduced to 7 bits exactly); asymmetric or
+  4-bit weights also under ``fbgemm`` and ``fbgemm-split``.
 * **FP16-stored modules** (``compute_dtype="auto"``): bfloat16 only where the CPU multiplies it
   natively (``avx512_bf16`` or ``amx_bf16``), else float32 — emulated bfloat16 is 4-8x slower
   than float32. The compute-dtype copy of the weight is made once and kept (see
@@ -52,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import platform
 import warnings
@@ -62,6 +68,8 @@ import torch
 
 from ..errors import ConfigError, suggest
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "CpuFeatures", "Backend", "W8A8_BACKENDS", "HfPtqPerformanceWarning", "cpu_features", "w8a8_backend",
     "module_backend", "module_route", "force_backend", "describe_model", "format_backends", "reset", "native_bf16",
@@ -69,7 +77,7 @@ __all__ = [
 ]
 
 #: W8A8 routes, fastest first (see the module docstring).
-W8A8_BACKENDS = ("onednn-vnni", "fbgemm", "fbgemm-a7", "float-exact")
+W8A8_BACKENDS = ("onednn-vnni", "fbgemm", "fbgemm-split", "fbgemm-a7", "float-exact")
 
 #: Feature sets that ``HFPTQ_CPU_FEATURES`` accepts by class name (plus any /proc/cpuinfo flag).
 _CLASSES: Dict[str, Tuple[str, ...]] = {
@@ -224,11 +232,12 @@ def force_backend(name: Optional[str]) -> Iterator[None]:
 def _check_runnable(name: str, field: str) -> None:
     from . import kernels
 
-    if name in ("fbgemm", "fbgemm-a7") and not kernels.fbgemm_linear_available(8 if name == "fbgemm" else 7):
+    if name in ("fbgemm", "fbgemm-split", "fbgemm-a7") and not kernels.fbgemm_linear_available(
+            8 if name == "fbgemm" else 7):
         raise ConfigError(
             f"{field}={name!r}: FBGEMM's int8 linear is missing or not exact on this machine for "
-            f"{'8' if name == 'fbgemm' else '7'}-bit activations (probe failed; HFPTQ_FBGEMM=0 also turns it off); "
-            f"use {'fbgemm-a7 or ' if name == 'fbgemm' else ''}float-exact", key=field)
+            f"{'8' if name == 'fbgemm' else '7'}-bit operands (probe failed; HFPTQ_FBGEMM=0 also turns it off); "
+            f"use {'fbgemm-split or ' if name == 'fbgemm' else ''}float-exact", key=field)
 
 
 def reset() -> None:
@@ -308,7 +317,7 @@ def warn_once(key: str, message: str) -> None:
 def _w8a8_module_route(module) -> Backend:
     """The route of one W8A8 QuantLinear on CPU (the process route, or ``float-exact`` where it cannot apply)."""
     route = w8a8_backend()
-    if route.name in ("fbgemm", "fbgemm-a7"):
+    if route.name in ("fbgemm", "fbgemm-split", "fbgemm-a7"):
         blockers = []
         if module.weight_bits != 8:
             blockers.append(f"int{module.weight_bits} weights")
@@ -329,6 +338,12 @@ def module_route(module) -> Backend:
     if entry is not None and entry[0] == _generation[0]:
         return entry[1]
     route = _w8a8_module_route(module)
+    if route.name == "fbgemm-a7" and _forced_name() is None and "a7" not in _warned:
+        _warned.add("a7")
+        logger.warning(
+            "hfptq: this CPU has no avx512_vnni and its FBGEMM saturates 8-bit int8 products (%s): W8A8 modules "
+            "quantize activations to 7 bits (fast; numerics differ from the 8-bit reference, see README *Speed*). "
+            "HFPTQ_W8A8_BACKEND=fbgemm-split keeps the 8-bit results at about FP32 speed.", cpu_features().describe())
     if route.name == "float-exact" and _forced_name() is None:
         warn_once("float-exact:" + route.reason, (
             f"hfptq: no fast int8 route for some W8A8 modules on this CPU ({cpu_features().describe()}): "

@@ -204,7 +204,7 @@ class QuantLinear(_DerivedCaches, nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    _CACHE_SLOTS = ("_hfptq_rowsum", "_hfptq_fbgemm", "_hfptq_fbgemm_chunks", "_hfptq_rowsum_f32")
+    _CACHE_SLOTS = ("_hfptq_rowsum", "_hfptq_fbgemm", "_hfptq_fbgemm_chunks", "_hfptq_fbgemm_split", "_hfptq_rowsum_f32")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -377,8 +377,9 @@ class QuantLinear(_DerivedCaches, nn.Module):
                     y = self._forward_int8_fbgemm(x, self.act_bits)
                     if y is not None:
                         return y
-            elif route in ("fbgemm", "fbgemm-a7"):
-                y = self._forward_int8_fbgemm(x, min(self.act_bits, 7) if route == "fbgemm-a7" else self.act_bits)
+            elif route in ("fbgemm", "fbgemm-split", "fbgemm-a7"):
+                y = self._forward_int8_fbgemm(x, min(self.act_bits, 7) if route == "fbgemm-a7" else self.act_bits,
+                                              split=route == "fbgemm-split")
                 if y is not None:
                     return y
         if self.act_mode == "dynamic":
@@ -397,7 +398,7 @@ class QuantLinear(_DerivedCaches, nn.Module):
         y = rescale_int32(acc, xs, self.weight_scale.reshape(1, -1), self.bias, x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
-    def _forward_int8_fbgemm(self, x: torch.Tensor, bits: int) -> Optional[torch.Tensor]:
+    def _forward_int8_fbgemm(self, x: torch.Tensor, bits: int, split: bool = False) -> Optional[torch.Tensor]:
         """Through FBGEMM with ``bits``-bit activations: the same quantized input and integer sums as the
         reference with ``act_bits=bits`` (see :func:`~hfptq.quant.kernels.fbgemm_int8_linear`), then
         :func:`rescale_int32`'s steps in place. ``None`` when the input holds NaN or infinity (the caller
@@ -408,7 +409,8 @@ class QuantLinear(_DerivedCaches, nn.Module):
         weight, made on the first call. Several rows of asymmetric activations wider than
         :func:`~hfptq.quant.kernels.fbgemm_row_zero_point_max_k` are summed in chunks of that width
         (exact float32 partial sums, added in float64, one rounding to float32 at the end: the
-        reference's ``acc.to(float32)``); those chunks are a second packed copy.
+        reference's ``acc.to(float32)``); those chunks are a second packed copy. ``split``: the
+        ``fbgemm-split`` route (:meth:`_fbgemm_split_sums`).
         """
         shape = x.shape
         k = shape[-1]
@@ -428,6 +430,10 @@ class QuantLinear(_DerivedCaches, nn.Module):
                 z0 = int(xz.item())
                 xs_shift.sub_(z0)
                 z += z0
+        if split:
+            acc = self._fbgemm_split_sums(xs_shift, z, row_zero_points)
+            return rescale_int32(acc, xs, self.weight_scale.reshape(1, -1), self.bias, x.dtype).reshape(
+                *shape[:-1], self.out_features)
         width = fbgemm_row_zero_point_max_k(bits)
         if row_zero_points is not None and k > width:
             return self._rescale_fbgemm(self._fbgemm_chunked(xs_shift, z, width, row_zero_points), xs, x, shape)
@@ -455,6 +461,35 @@ class QuantLinear(_DerivedCaches, nn.Module):
         rowsum = self._weight_rowsum_for(self.qweight).to(torch.float64)
         y.addr_(row_zero_points.reshape(-1).to(torch.float64), rowsum, alpha=-1)
         return y.to(torch.float32)
+
+    def _fbgemm_split_sums(self, xs_shift: torch.Tensor, z: int, row_zero_points: Optional[torch.Tensor]) -> torch.Tensor:
+        """Exact int32 ``sum_k (x_q - z_row) W`` of 8-bit activations from FBGEMM on a CPU whose FBGEMM adds
+        pairs of products in saturating 16-bit arithmetic (no VNNI): the ``fbgemm-split`` route.
+
+        FBGEMM's uint8 input ``u = x_shifted + zero_point`` (0..255) is split into ``h = floor(u / 2)``
+        (0..127) and ``l = u - 2 h`` (0 or 1). Neither can saturate a pair (``2 * 127 * 128 < 2**15``),
+        so FBGEMM returns ``H = sum h W`` and ``L = sum l W`` exactly; ``H`` is taken over chunks of
+        1,024 inputs so that each float32 result is an exact integer (``<= 1024 * 127 * 128 < 2**24``).
+        Then, in int32: ``2 H + L - (zero_point + z_row) * rowsum(W)``, the reference's integers.
+        Two GEMM passes instead of one: the price of 8-bit exactness without VNNI.
+        """
+        k = xs_shift.shape[-1]
+        width = FBGEMM_ROW_ZERO_POINT_MAX_K
+        packs = cached_derived(self, "_hfptq_fbgemm_split", self.qweight,
+                               lambda w: [fbgemm_pack(w[:, i:i + width]) for i in range(0, k, width)])
+        u = xs_shift + z
+        h = u.mul(0.5).floor_()
+        low = u.sub_(h).sub_(h)
+        acc = None
+        for i, packed in zip(range(0, k, width), packs):
+            hs, ls = (h, low) if len(packs) == 1 else (h[:, i:i + width].contiguous(), low[:, i:i + width].contiguous())
+            part = fbgemm_int8_linear(hs, 0, packed).to(torch.int32).mul_(2)
+            part.add_(fbgemm_int8_linear(ls, 0, packed).to(torch.int32))
+            acc = part if acc is None else acc.add_(part)
+        zcol = torch.full((acc.shape[0],), int(z), dtype=torch.int32)
+        if row_zero_points is not None:
+            zcol.add_(row_zero_points.reshape(-1).to(torch.int32))
+        return acc.addr_(zcol, self._weight_rowsum_for(self.qweight), alpha=-1)
 
     def _rescale_fbgemm(self, y: torch.Tensor, xs: torch.Tensor, x: torch.Tensor, shape) -> torch.Tensor:
         """:func:`rescale_int32`'s steps, in place on FBGEMM's float32 sums ``y``."""

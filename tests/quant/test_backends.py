@@ -100,7 +100,7 @@ def _runnable(route: str) -> bool:
         return kernels.int_mm_available("cpu")
     if route == "fbgemm":
         return kernels.fbgemm_linear_available(8)
-    if route == "fbgemm-a7":
+    if route in ("fbgemm-a7", "fbgemm-split"):
         return kernels.fbgemm_linear_available(7)
     return True
 
@@ -191,7 +191,9 @@ def test_every_route_equals_its_reference(route, acts, rows, k):
         want = ref(x)
     assert torch.equal(fast, want)
     fbgemm_ran = "_hfptq_fbgemm" in q.__dict__ or "_hfptq_fbgemm_chunks" in q.__dict__
-    if expected in ("fbgemm", "fbgemm-a7"):
+    if expected == "fbgemm-split":
+        assert "_hfptq_fbgemm_split" in q.__dict__
+    elif expected in ("fbgemm", "fbgemm-a7"):
         assert fbgemm_ran
         chunked = rows > 1 and acts == "dynamic-asym" and k > kernels.fbgemm_row_zero_point_max_k(
             7 if expected == "fbgemm-a7" else 8)
@@ -200,12 +202,14 @@ def test_every_route_equals_its_reference(route, acts, rows, k):
         assert not fbgemm_ran
 
 
+@pytest.mark.parametrize("route", ["fbgemm-a7", "fbgemm-split"])
 @pytest.mark.parametrize("acts", ["dynamic-asym", "dynamic-sym"])
 @pytest.mark.parametrize("rows", [1, 40])
-def test_fbgemm_a7_is_exact_on_a_saturating_fbgemm(monkeypatch, acts, rows):
-    """The 7-bit route on FBGEMM as a CPU without VNNI computes it (saturating 16-bit pair sums, emulated):
-    still the 7-bit reference bit for bit, with every operand at its extreme; the 8-bit route would not be.
-    (The probes' verdict on this kernel is checked in test_automatic_choice_per_cpu_class.)"""
+def test_routes_without_vnni_are_exact_on_a_saturating_fbgemm(monkeypatch, route, acts, rows):
+    """FBGEMM as a CPU without VNNI computes it (saturating 16-bit pair sums, emulated), every operand at its
+    extreme: the 7-bit route still gives the 7-bit reference bit for bit, the split route the 8-bit
+    reference; one plain 8-bit pass would not. (The probes' verdict on this kernel is checked in
+    test_automatic_choice_per_cpu_class.)"""
     _emulate(monkeypatch, "avx2")
     _saturating_fbgemm(monkeypatch)
     monkeypatch.setattr(kernels, "fbgemm_linear_available", lambda bits=8: bits == 7)
@@ -218,11 +222,11 @@ def test_fbgemm_a7_is_exact_on_a_saturating_fbgemm(monkeypatch, acts, rows):
     x = torch.where(q.qweight[:1].expand(rows, k) < 0, -2.0, 6.0)                        # all products one sign
     if rows > 1:
         x[-1] = -x[-1]                                                                  # and the other sign
-    with torch.no_grad():
+    with torch.no_grad(), force_backend(route):
         fast = q(x)
-        ref = _reference_for(q, "fbgemm-a7")
-        with reference_math():
-            want = ref(x)
+    ref = _reference_for(q, route)
+    with torch.no_grad(), reference_math():
+        want = ref(x)
     assert torch.equal(fast, want)
     # the same inputs with 8-bit activations through the saturating kernel lose the integers
     xs, z, _, row_z = kernels.quantize_rows_for_fbgemm(x, 8, acts == "dynamic-sym")
