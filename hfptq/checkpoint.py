@@ -16,9 +16,14 @@ On-disk layout (checkpoint format 1)
   and **raises** (size mismatch) instead of silently loading a float model with random FFN
   weights; its load report, printed just before the error, lists :data:`HINT_KEY`, whose name
   says to ``pip install hfptq`` and ``import hfptq``.
+* ``config.json``'s ``attn_implementation`` is :data:`LOAD_GUARD`: plain Transformers refuses to
+  build a model with it whatever the loading flags (``ignore_mismatched_sizes=True`` would silence
+  the tombstones); hfptq's quantizer restores the default before the model is built.
 * safetensors metadata in every shard: ``hfptq_format`` (format version), ``hfptq_version``,
-  ``hfptq_save_id`` (one id per save: shards from two different saves are refused) and
-  ``hfptq_crc32`` (CRC-32 of every tensor, checked by :func:`verify_checkpoint`).
+  ``hfptq_save_id`` (one id per save: shards from two different saves are refused),
+  ``hfptq_plan_sha256`` (:func:`plan_hash` of the plan in ``config.json``: a hand-edited plan is
+  refused at load and by :func:`verify_checkpoint`) and ``hfptq_crc32`` (CRC-32 of every tensor,
+  checked by :func:`verify_checkpoint`).
 * ``hfptq_recipe.yaml`` (the config as a recipe, minus the plan) and ``README.md`` (model card);
   see :mod:`hfptq.card`.
 

@@ -441,7 +441,6 @@ def plan_for_recipe(recipe: Recipe, model: Optional[str] = None) -> str:
     """The plan a recipe would apply, without loading weights (the model skeleton is built on meta)."""
     from transformers import AutoConfig
 
-    from .models import resolve_model
     from .plan import resolve_plan
 
     path = resolve_recipe_model(model or recipe.model.get("name_or_path"), "--model" if model else "model.name_or_path")

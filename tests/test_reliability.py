@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 import hfptq
 from hfptq import checkpoint as ckpt
 from hfptq.config import HfPtqConfig
-from hfptq.errors import CheckpointError, ConfigError, HfPtqError, RecipeError
+from hfptq.errors import CheckpointError, ConfigError, RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,11 +48,24 @@ def plan_entry(data, name):
     return next(m for m in data["quantization_config"]["plan"]["modules"] if m["name"] == name)
 
 
-def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "hfptq.cli", *args], capture_output=True, text=True, timeout=300,
-                          env=env, cwd=str(cwd))
+class _Ran:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli(capsys):
+    """``hfptq ARGS`` in this process (the console script's ``main``); an exception other than the ones
+    ``main`` turns into exit codes propagates and fails the test, as a traceback would."""
+    from hfptq.cli import main
+
+    def run(*args: str) -> _Ran:
+        capsys.readouterr()
+        code = main(list(args))
+        out = capsys.readouterr()
+        return _Ran(code, out.out, out.err)
+
+    return run
 
 
 @pytest.fixture
@@ -252,7 +265,7 @@ def test_garbage_checksum_metadata(saved):
         ckpt.verify_checkpoint(saved)
 
 
-@pytest.mark.parametrize("architectures", [["pipeline"], ["NoSuchModel"], "LlamaForCausalLM", [3]])
+@pytest.mark.parametrize("architectures", [["pipeline"], [3]])
 def test_bad_architectures_in_verify(saved, architectures):
     edit_config(saved, lambda d: d.update(architectures=architectures))
     with pytest.raises(CheckpointError, match="architectures"):
@@ -390,7 +403,7 @@ def test_recipe_errors_at_load_with_file_and_line(tmp_path, body, line, fragment
     assert fragment in msg
 
 
-def test_hfptq_plan_reports_option_typo_with_line(tmp_path):
+def test_hfptq_plan_reports_option_typo_with_line(tmp_path, cli):
     path = _recipe(tmp_path, """
         version: 1
         quantization:
@@ -452,7 +465,7 @@ def test_run_writes_the_report_when_saving_fails_late(tmp_path, tiny_model_dir, 
 # ------------------------------------------------------------------------------------------------
 
 
-def test_cli_missing_paths_exit_2(tmp_path, tiny_model_dir):
+def test_cli_missing_paths_exit_2(tmp_path, tiny_model_dir, cli):
     tok = _recipe(tmp_path, f"""
         version: 1
         model: {{name_or_path: {tiny_model_dir('llama')}}}
@@ -470,13 +483,13 @@ def test_cli_missing_paths_exit_2(tmp_path, tiny_model_dir):
         assert "/nope" in proc.stderr
 
 
-def test_cli_eval_refuses_a_float_checkpoint(tiny_model_dir):
+def test_cli_eval_refuses_a_float_checkpoint(tiny_model_dir, cli):
     proc = cli("eval", str(tiny_model_dir("llama")))
     assert proc.returncode == 2
     assert "not an hfptq-quantized checkpoint" in proc.stderr
 
 
-def test_cli_model_rejects_unknown_alias():
+def test_cli_model_rejects_unknown_alias(cli):
     proc = cli("model", "gemma9")
     assert proc.returncode == 2
     assert "Unknown model alias 'gemma9'" in proc.stderr and "Did you mean 'gemma3-270m'?" in proc.stderr
@@ -514,8 +527,6 @@ def test_config_skipping_everything_warns(load_tiny, caplog):
 def test_in_memory_calibration_dataset_is_named_in_card_and_refused_by_the_recipe(load_tiny, tmp_path):
     import datasets
 
-    from hfptq.card import write_recipe
-
     ds = datasets.Dataset.from_dict({"text": ["the city of the world was new and old"] * 8})
     cfg = HfPtqConfig(activations="static", calibration={"dataset": ds, "num_samples": 2, "seq_len": 8,
                                                           "tokenizer": None})
@@ -529,8 +540,3 @@ def test_in_memory_calibration_dataset_is_named_in_card_and_refused_by_the_recip
     assert "Not reproducible from its recipe" in card and ds._fingerprint in card
     with pytest.raises(RecipeError, match="in-memory"):
         hfptq.recipes.load_recipe(tmp_path / "m" / ckpt.RECIPE_FILENAME)
-
-
-def test_every_error_is_an_hfptq_error():
-    for cls in (CheckpointError, ConfigError, RecipeError):
-        assert issubclass(cls, HfPtqError)
