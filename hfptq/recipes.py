@@ -328,10 +328,18 @@ def _check_option_sections(quantization: Mapping, source: str) -> None:
 
 
 def builtin_recipes_dir() -> Path:
-    """The ``recipes/`` folder of the source tree (or the copy installed with the package)."""
+    """The built-in recipes: ``hfptq/builtin_recipes`` of an installed wheel, else ``recipes/`` of the source tree.
+
+    The YAML files live in the top-level ``recipes/`` folder; ``pyproject.toml`` ships it inside the
+    package as ``hfptq.builtin_recipes``.
+
+    Example:
+        >>> (builtin_recipes_dir() / "default.yaml").is_file()
+        True
+    """
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "recipes", here / "recipes"):
-        if candidate.is_dir():
+    for candidate in (here / "builtin_recipes", here.parent / "recipes"):
+        if candidate.is_dir() and any(candidate.glob("*.yaml")):
             return candidate
     return here.parent / "recipes"
 
