@@ -329,7 +329,6 @@ def test_algorithm_options_checked_when_the_config_is_built(section, options, fr
     ({"percentile": 150}, "calibration.percentile must be in (0, 100]"),
     ({"bins": 0}, "calibration.bins must be in"),
     ({"averaging_constant": 2.0}, "calibration.averaging_constant must be in (0, 1]"),
-    ({"observer": "minmx"}, "Did you mean 'minmax'?"),
 ])
 def test_calibration_ranges_checked_when_the_config_is_built(calibration, fragment):
     with pytest.raises(ConfigError) as info:
