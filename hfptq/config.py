@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .architectures import PRESETS
 from .errors import ConfigError, ConfigTypeError, suggest
 from .options import check_options
 
@@ -404,8 +405,6 @@ class HfPtqConfig(QuantizationConfigMixin):
         self.rules = [normalize_rule(r, i) for i, r in enumerate(rules or [])]
         if not isinstance(preset, str):
             raise ConfigTypeError(f"preset must be a string such as 'auto' (got {preset!r}).")
-        from .plan import PRESETS  # deferred: plan imports this module
-
         if preset not in ("auto", "structural") and preset not in PRESETS:
             raise ConfigError(
                 f"preset={preset!r} is unknown.{suggest(preset, list(PRESETS) + ['auto', 'structural'])} Use 'auto' "
