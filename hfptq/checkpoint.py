@@ -551,13 +551,44 @@ def install_save_hooks(model: nn.Module) -> None:
     """
     model.save_pretrained = _BoundHook(model, "save_quantized")
     model._upload_modified_files = _BoundHook(model, "_upload_with_card")
+    model.tie_weights = _BoundHook(model, "tie_weights_hfptq")
 
 
 def remove_save_hooks(model: nn.Module) -> None:
     """Undo :func:`install_save_hooks` (e.g. after dequantization): ``save_pretrained`` is Transformers' again."""
-    for name in ("save_pretrained", "_upload_modified_files"):
+    for name in ("save_pretrained", "_upload_modified_files", "tie_weights"):
         if isinstance(model.__dict__.get(name), _BoundHook):
             del model.__dict__[name]
+
+
+def tie_weights_hfptq(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``model.tie_weights()`` for hfptq models (installed by :func:`install_save_hooks`).
+
+    A quantized LM head and the embedding that reads its integers are already tied through the
+    integer storage, and neither has a float ``weight`` for Transformers to tie; those pairs are
+    left alone, every other tied pair is tied by Transformers as usual. Callers such as
+    lm-eval-harness (``HFLM(pretrained=model)``) call ``tie_weights()`` on the model they get.
+
+    Example:
+        >>> model.tie_weights()   # doctest: +SKIP
+    """
+    from transformers import PreTrainedModel
+
+    plan = getattr(model, "hfptq_plan", None)
+    if plan is None:
+        return PreTrainedModel.tie_weights(model, *args, **kwargs)
+    owned = {e.name for e in plan if e.tied_to or (e.kind == "lm_head" and e.precision != "skip")}
+    expand = model.get_expanded_tied_weights_keys
+
+    def not_owned(all_submodels: bool = False) -> Dict[str, str]:
+        keys = expand(all_submodels=all_submodels)
+        return {t: s for t, s in keys.items() if t.rsplit(".", 1)[0] not in owned and s.rsplit(".", 1)[0] not in owned}
+
+    model.get_expanded_tied_weights_keys = not_owned
+    try:
+        return PreTrainedModel.tie_weights(model, *args, **kwargs)
+    finally:
+        del model.__dict__["get_expanded_tied_weights_keys"]
 
 
 def _is_hfptq_model(model: nn.Module) -> bool:

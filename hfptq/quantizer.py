@@ -99,6 +99,12 @@ class HfPtqQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        """``torch.compile`` traces hfptq's modules (their reference formulas under Dynamo) and matches eager
+        within float rounding; lets ``generate`` compile with a static cache (see the README, *Speed*)."""
+        return True
+
     def _dequantize(self, model, dtype=None):
         from .checkpoint import dequantize_model
 

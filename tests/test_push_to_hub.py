@@ -16,8 +16,10 @@ authentication flows beyond a bearer token, the real Hub's server-side checks.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -88,9 +90,12 @@ def test_push_to_hub_uploads_reloadable_checkpoint(tiny_model_dir, tmp_path):
     assert ("POST", "/api/models/me/tiny-hfptq-2/commit/main") in routes
     create_status = [s for m, p, s in log if p == "/api/repos/create"]
     assert create_status.count(200) == 2 and 409 in create_status  # the second push found the repo
+    # the only 404s are optional-file probes: the existing model card (ModelCard.load before a push) and,
+    # when peft is installed, Transformers' adapter_config.json check on reload (at the resolved commit)
+    optional = {"README.md"} | ({"adapter_config.json"} if importlib.util.find_spec("peft") else set())
     not_found = {p for m, p, s in log if s == 404}
-    assert not_found <= {"/me/tiny-hfptq/resolve/main/README.md", "/me/tiny-hfptq-2/resolve/main/README.md"}, \
-        not_found
+    assert all(re.fullmatch(r"/me/tiny-hfptq(-2)?/resolve/[0-9a-z]+/([\w.]+)", p) and p.rsplit("/", 1)[1] in optional
+               for p in not_found), not_found
     assert all(s < 500 for _, _, s in log), [x for x in log if x[2] >= 500]
 
     repo = repos["me/tiny-hfptq"]
