@@ -96,7 +96,13 @@ def load_models(recipe: Recipe, model_path: str, config: HfPtqConfig, *, progres
     if calib is not None and calib.get("tokenizer") is None:
         calib["tokenizer"] = model_path
     started = time.perf_counter()
-    quantized = auto.from_pretrained(model_path, quantization_config=config, **kwargs).eval()
+    try:
+        quantized = auto.from_pretrained(model_path, quantization_config=config, **kwargs).eval()
+    except OSError as exc:  # the float model loaded just above: what failed is what calibration loads
+        raise ConfigError(
+            f"Quantizing {model_path} failed to load a file ({exc}). Check calibration.tokenizer "
+            f"({calib.get('tokenizer') if calib else None!r}) and calibration.dataset / data_files."
+        ) from exc
     quant_load = time.perf_counter() - started
     return tokenizer, float_model, quantized, float_load, quant_load
 
@@ -141,15 +147,20 @@ def check_output_dir(out: Path, *, save: bool) -> None:
     Raises:
         ConfigError: ``out`` (or ``out/model``) is a file, or the folder cannot be created or written.
     """
-    out = Path(out)
+    import tempfile
+
+    out = Path(out).absolute()
     for path in ([out, out / "report"] + ([out / "model"] if save else [])):
         if path.exists() and not path.is_dir():
             raise ConfigError(f"output.dir: {path} is a file, not a folder; choose another output.dir (or --output).")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        import tempfile
-
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".hfptq-write-test-"):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(existing))
+        # a probe file in the nearest existing folder, removed at once: nothing is created before the run starts
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".hfptq-write-test-"):
             pass
     except OSError as exc:
         raise ConfigError(

@@ -481,6 +481,7 @@ def test_cli_missing_paths_exit_2(tmp_path, tiny_model_dir, cli):
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr and "error:" in proc.stderr, (args, proc.stderr[-2000:])
         assert "/nope" in proc.stderr
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o").exists()  # nothing created by a refused run
 
 
 def test_cli_eval_refuses_a_float_checkpoint(tiny_model_dir, cli):
