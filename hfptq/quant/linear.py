@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..architectures import weight_out_in
 from ..errors import CalibrationError
 from .rotation import rotate
 from .backends import module_route, native_bf16, warn_once
@@ -229,9 +230,7 @@ class QuantLinear(_DerivedCaches, nn.Module):
             weight_qparams: ``(scale, zero_point)`` chosen by an observer/GPTQ.
         """
         if weight is None:
-            weight = module.weight.detach()
-            if type(module).__name__ == "Conv1D":
-                weight = weight.t()
+            weight = weight_out_in(module).detach()
         out_features, in_features = weight.shape
         bias = getattr(module, "bias", None)
         q = cls(
@@ -556,9 +555,7 @@ class FloatLinear(_DerivedCaches, nn.Module):
 
     @classmethod
     def from_float(cls, module: nn.Module, storage_dtype: torch.dtype, compute_dtype: str = "auto") -> "FloatLinear":
-        weight = module.weight.detach()
-        if type(module).__name__ == "Conv1D":
-            weight = weight.t()
+        weight = weight_out_in(module).detach()
         bias = getattr(module, "bias", None)
         out = cls(weight.shape[1], weight.shape[0], bias is not None, storage_dtype=storage_dtype,
                   compute_dtype=compute_dtype, device=weight.device)
