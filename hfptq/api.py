@@ -16,6 +16,7 @@ from .config import HfPtqConfig
 from .convert import convert_model, refuse_quantized
 from .errors import ConfigError
 from .plan import Plan, resolve_plan
+from .utils import format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -182,14 +183,6 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def summary(model: nn.Module, float_bytes: Optional[int] = None) -> str:
     """Modules per precision and bytes before/after quantization (first line), then which kernels
     (backend) each module kind runs on this machine and why (see :mod:`hfptq.quant.backends`).
@@ -219,7 +212,7 @@ def summary(model: nn.Module, float_bytes: Optional[int] = None) -> str:
             n = e.in_features * e.out_features + (e.out_features if e.has_bias else 0)
             float_bytes += n * 4 - _entry_bytes(model, e.name)
     ratio = after / float_bytes if float_bytes else 1.0
-    return (f"{plan.summary()}; {_fmt_bytes(float_bytes)} -> {_fmt_bytes(after)} ({ratio:.1%})\n"
+    return (f"{plan.summary()}; {format_bytes(float_bytes, digits=1)} -> {format_bytes(after, digits=1)} ({ratio:.1%})\n"
             + format_backends(model))
 
 

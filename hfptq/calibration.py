@@ -103,6 +103,7 @@ from .plan import ModuleSpec, Plan
 from .quant.kernels import cpu_has_fast_bf16
 from .quant.observers import Observer, make_observer
 from .quant.qparams import qrange
+from .utils import format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -251,10 +252,6 @@ def _read_status_bytes(key: str) -> Optional[int]:
     return None
 
 
-def _mib(n: Optional[float]) -> str:
-    return "n/a" if n is None else f"{n / 2**20:,.1f} MiB"
-
-
 # ------------------------------------------------------------------------------------------------
 # Observers per module
 # ------------------------------------------------------------------------------------------------
@@ -372,13 +369,14 @@ class MemoryEstimate:
         return self.hidden_states + self.layer_params + self.batch_activations + self.observers + self.algorithms
 
     def describe(self) -> str:
-        parts = [f"hidden-state cache {_mib(self.hidden_states)}", f"one batch of activations {_mib(self.batch_activations)}",
-                 f"observers {_mib(self.observers)}"]
+        parts = [f"hidden-state cache {format_bytes(self.hidden_states, digits=1)}",
+                 f"one batch of activations {format_bytes(self.batch_activations, digits=1)}",
+                 f"observers {format_bytes(self.observers, digits=1)}"]
         if self.layer_params:
-            parts.insert(1, f"working layer copy {_mib(self.layer_params)}")
+            parts.insert(1, f"working layer copy {format_bytes(self.layer_params, digits=1)}")
         if self.algorithms:
-            parts.append(f"SmoothQuant/GPTQ state {_mib(self.algorithms)}")
-        return f"~{_mib(self.total)} on top of the model ({self.mode}: {', '.join(parts)})"
+            parts.append(f"SmoothQuant/GPTQ state {format_bytes(self.algorithms, digits=1)}")
+        return f"~{format_bytes(self.total, digits=1)} on top of the model ({self.mode}: {', '.join(parts)})"
 
     def to_dict(self) -> Dict[str, Any]:
         return {"total_bytes": self.total, "hidden_states_bytes": self.hidden_states,
@@ -1086,7 +1084,7 @@ class _Engine:
         self.plan_updates = []
         for full, module in self.smoothed.items():
             self.weights[full] = weight_out_in(module).detach()
-        logger.info("hfptq calibration done in %.1f s (peak RSS %s)", seconds, _mib(peak))
+        logger.info("hfptq calibration done in %.1f s (peak RSS %s)", seconds, format_bytes(peak, digits=1))
         return CalibrationResult(input_qparams=input_qparams, weights=dict(self.weights),
                                  weight_qparams=dict(self.weight_qparams), info=info)
 

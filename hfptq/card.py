@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import yaml
 from torch import nn
 
+from .utils import format_bytes
+
 logger = logging.getLogger(__name__)
 
 CARD_BEGIN = "<!-- hfptq:card:begin -->"
@@ -124,17 +126,6 @@ def _fmt_count(n: int) -> str:
     return str(n)
 
 
-def _fmt_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "n/a"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return f"{value:.2f} TiB"
-
-
 def plan_table(plan: Any) -> List[Tuple[str, str, str, int, int]]:
     """Plan rows grouped by (kind, precision, scheme): ``(kind, precision, scheme, modules, parameters)``."""
     groups: Dict[Tuple[str, str, str], List[int]] = {}
@@ -204,7 +195,7 @@ def _calibration_lines(model: nn.Module, config: Any) -> List[str]:
             ("activation scheme", info.get("activation_scheme")),
             ("engine", info.get("engine")),
             ("time", f"{info['seconds']:.1f} s" if isinstance(info.get("seconds"), (int, float)) else None),
-            ("peak RSS", _fmt_bytes(info["peak_rss_bytes"]) if info.get("peak_rss_bytes") else None),
+            ("peak RSS", format_bytes(info["peak_rss_bytes"]) if info.get("peak_rss_bytes") else None),
         ]
         lines.append("| | |")
         lines.append("|---|---|")
@@ -256,11 +247,11 @@ def _report_lines(report: Mapping[str, Any]) -> List[str]:
     size = report.get("size")
     if isinstance(size, Mapping) and "float_bytes" in size:
         ratio = size.get("ratio")
-        rows.append(("size in memory", _fmt_bytes(size["float_bytes"]), _fmt_bytes(size.get("quantized_bytes")),
+        rows.append(("size in memory", format_bytes(size["float_bytes"]), format_bytes(size.get("quantized_bytes")),
                      f"{ratio:.2f}x smaller" if isinstance(ratio, (int, float)) else ""))
         ckpt = size.get("checkpoint") or {}
         if ckpt.get("float_bytes") and ckpt.get("quantized_bytes"):
-            rows.append(("checkpoint on disk", _fmt_bytes(ckpt["float_bytes"]), _fmt_bytes(ckpt["quantized_bytes"]),
+            rows.append(("checkpoint on disk", format_bytes(ckpt["float_bytes"]), format_bytes(ckpt["quantized_bytes"]),
                          f"{ckpt['float_bytes'] / ckpt['quantized_bytes']:.2f}x smaller"))
     lat = report.get("latency")
     if isinstance(lat, Mapping) and isinstance(lat.get("prefill_speedup"), (int, float)):
@@ -353,8 +344,8 @@ def render_model_card(model: nn.Module, *, load_from: Optional[str] = None,
     ckpt = _checkpoint_bytes(folder)
     fp32 = _float32_bytes(model)
     if ckpt is not None:
-        lines += [f"Checkpoint size on disk: {_fmt_bytes(ckpt)} (safetensors), {100 * ckpt / fp32:.1f}% of the "
-                  f"same model as an FP32 checkpoint ({_fmt_bytes(fp32)}, computed from the parameter count).", ""]
+        lines += [f"Checkpoint size on disk: {format_bytes(ckpt)} (safetensors), {100 * ckpt / fp32:.1f}% of the "
+                  f"same model as an FP32 checkpoint ({format_bytes(fp32)}, computed from the parameter count).", ""]
 
     auto = _auto_class(model)
     if export is not None:
@@ -384,7 +375,7 @@ def _export_load_lines(export: Mapping[str, Any], auto: str, source: str) -> Lis
         lines.append(f"- vLLM caveat: {note}.")
     if export.get("untied"):
         lines.append(f"- {', '.join(export['untied'])}: untied from the quantized LM head and stored as a float table "
-                     f"(+{_fmt_bytes(export.get('untie_bytes'))}).")
+                     f"(+{format_bytes(export.get('untie_bytes'))}).")
     for deviation in export.get("deviations") or []:
         lines.append(f"- Not exact in this format (exported on request): {deviation}")
     measured = export.get("measured")

@@ -21,7 +21,7 @@ PACKAGE = ROOT / "hfptq"
 
 LAYERS = (
     ("errors",),
-    ("architectures",),
+    ("architectures", "utils"),
     ("config", "options", "recipes"),
     ("plan",),
     ("quant",),

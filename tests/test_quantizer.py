@@ -232,9 +232,9 @@ def test_summary_reports_bytes_before_and_after(tiny_family, traces):
 
     text = hfptq.summary(q)
     assert text.startswith(plan.summary())
-    from hfptq.api import _fmt_bytes
+    from hfptq.utils import format_bytes
 
-    assert f"{_fmt_bytes(model_bytes(ref))} -> {_fmt_bytes(model_bytes(q))}" in text
+    assert f"{format_bytes(model_bytes(ref), digits=1)} -> {format_bytes(model_bytes(q), digits=1)}" in text
     for precision, count in plan.by_precision().items():
         assert f"{count} {precision}" in text
 

@@ -46,7 +46,14 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..architectures import SMOOTH_TABLE, SmoothGroup, find_final_norm, find_module, is_quantizable_linear
+from ..architectures import (
+    SMOOTH_TABLE,
+    SmoothGroup,
+    find_final_norm,
+    find_module,
+    is_quantizable_linear,
+    weight_out_in,
+)
 from ..errors import CalibrationError
 from ..quant.qparams import compute_qparams, dequantize, dequantize_weight, quantize, quantize_per_token, quantize_weight
 from . import validate_options
@@ -161,13 +168,6 @@ def activation_aware_scales(
     return s.clamp(min_scale, max_scale)
 
 
-def _weight2d(module: nn.Module) -> torch.Tensor:
-    weight = module.weight
-    if type(module).__name__ == "Conv1D":
-        return weight.t()
-    return weight
-
-
 def _fake_weight(weight: torch.Tensor, args: Mapping[str, Any]) -> torch.Tensor:
     q, scale, zp = quantize_weight(weight, int(args.get("bits", 8)), bool(args.get("symmetric", True)),
                                    args.get("granularity", "channel"), args.get("group_size"))
@@ -256,7 +256,7 @@ def _fold_into_norm(norm: nn.Module, s: torch.Tensor, offset_first: float) -> Tu
 
 
 def _fold_into_linear(prev: nn.Module, s: torch.Tensor, prev_rows: Optional[str]) -> None:
-    weight = _weight2d(prev)
+    weight = weight_out_in(prev)
     out_features = weight.shape[0]
     if prev_rows == "second_half":
         start = out_features // 2
@@ -279,7 +279,7 @@ def _fold_into_linear(prev: nn.Module, s: torch.Tensor, prev_rows: Optional[str]
 def _scale_consumers(consumers: Sequence[nn.Module], s: torch.Tensor) -> None:
     with torch.no_grad():
         for module in consumers:
-            weight = _weight2d(module)
+            weight = weight_out_in(module)
             factor = s.to(device=weight.device, dtype=torch.float32).view(1, -1)
             weight.copy_((weight.float() * factor).to(weight.dtype))
 
@@ -334,7 +334,7 @@ def _search_alpha(
     for module, entry, observer in zip(consumers, entries, observers):
         if entry is None or not entry.quantized:
             continue
-        w = _weight2d(module).detach()
+        w = weight_out_in(module).detach()
         if w.shape[0] > _SEARCH_MAX_ROWS:
             w = w[:: math.ceil(w.shape[0] / _SEARCH_MAX_ROWS)]
         w = w.float().to(x.device)
@@ -477,7 +477,7 @@ def _smooth_group(layer, layer_name, plan, absmax, opts, group: SmoothGroup, inp
     if not stats:
         return _skip(record, "no activation statistics for the consumers")
     act = torch.stack([t.detach().float().reshape(-1).cpu() for t in stats]).amax(dim=0)
-    in_features = _weight2d(consumers[0]).shape[1]
+    in_features = weight_out_in(consumers[0]).shape[1]
     if act.numel() != in_features:
         return _skip(record, f"activation statistics have {act.numel()} channels, consumers take {in_features}")
     if not torch.isfinite(act).all():
@@ -485,7 +485,7 @@ def _smooth_group(layer, layer_name, plan, absmax, opts, group: SmoothGroup, inp
             f"Non-finite activation maximum at the input of {record['consumers']}: the calibration forward produced "
             "inf/NaN. Check the model dtype (run calibration in float32) and the calibration data."
         )
-    w_abs = torch.stack([_weight2d(c).detach().float().abs().amax(dim=0).cpu() for c in consumers]).amax(dim=0)
+    w_abs = torch.stack([weight_out_in(c).detach().float().abs().amax(dim=0).cpu() for c in consumers]).amax(dim=0)
 
     # the factors of a given alpha: SmoothQuant's max-ratio formula, or activation-aware (set below)
     scales_for = lambda a: smoothing_scales(act, w_abs, a, opts["min_scale"], opts["max_scale"])  # noqa: E731
@@ -526,7 +526,7 @@ def _smooth_group(layer, layer_name, plan, absmax, opts, group: SmoothGroup, inp
     record["alpha"] = alpha
 
     # fold first (it may refuse, leaving everything untouched), then scale the consumers
-    if isinstance(prev, nn.Linear) or type(prev).__name__ == "Conv1D":
+    if is_quantizable_linear(prev):
         _fold_into_linear(prev, s, group.prev_rows)
         record["folded_into"] = "linear rows"
     else:
@@ -603,7 +603,7 @@ def smooth_head(
         ...                              {"alpha": "search"}, inputs=rows, norm_offset=1.0)  # doctest: +SKIP
     """
     opts = validate_options("smoothquant", options)
-    w = _weight2d(head).detach()
+    w = weight_out_in(head).detach()
     extra_error = None
     if tied:
         if (opts["alpha"] != "search" or gptq) and "head" not in (opts["groups"] or ()):

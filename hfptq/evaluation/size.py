@@ -23,11 +23,12 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
 from hfptq.errors import CheckpointError
+from hfptq.utils import format_bytes  # noqa: F401  (part of this module's API)
 
 logger = logging.getLogger(__name__)
 
@@ -151,15 +152,3 @@ def checkpoint_bytes(path: Union[str, Path]) -> int:
     return sum(p.stat().st_size for p in files)
 
 
-def format_bytes(num_bytes: Optional[float]) -> str:
-    """Human-readable binary size: ``format_bytes(3 * 2**20) == "3.00 MiB"``."""
-    if num_bytes is None:
-        return "n/a"
-    value = float(num_bytes)
-    if abs(value) < 1024:
-        return f"{value:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if abs(value) < 1024 or unit == "TiB":
-            break
-    return f"{value:.2f} {unit}"

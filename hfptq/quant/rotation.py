@@ -31,6 +31,8 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
+from ..architectures import is_conv1d
+
 __all__ = ["hadamard", "rotate", "check_block", "fold_input_rotations", "undo_input_rotations"]
 
 
@@ -116,7 +118,7 @@ def fold_input_rotations(model: nn.Module, plan) -> List[Tuple[nn.Module, torch.
             )
         module = model.get_submodule(entry.name)
         weight = module.weight
-        if type(module).__name__ == "Conv1D":  # [in, out]
+        if is_conv1d(module):  # [in, out]
             rotated = rotate(weight.detach().t(), block).t()
         else:
             rotated = rotate(weight.detach(), block)
