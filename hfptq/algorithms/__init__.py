@@ -24,72 +24,13 @@ import math
 from typing import Any, Dict, List, Mapping, Optional
 
 from ..errors import ConfigError, ConfigTypeError, suggest
+from ..options import defaults
 
 __all__ = ["ALGORITHM_NAMES", "OPTION_DEFAULTS", "summarize_algorithms", "validate_options"]
 
-#: Defaults of every option, per algorithm. ``validate_options`` fills the missing ones.
-OPTION_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "smoothquant": {
-        # float in [0, 1], or "search": grid over alpha_grid minimising each group's output error
-        "alpha": 0.5,
-        "alpha_grid": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
-        # the search also scores "no smoothing" and keeps the group unsmoothed when that is best
-        "search_keeps_unsmoothed": True,
-        # which smoothing groups of the architecture table to apply (None = all of them); "head" names
-        # the final norm -> LM head group (smoothed when the LM head is W8A8)
-        "groups": None,
-        # groups whose consumers are all weight-only integer (INT4): activation-aware scaling
-        # s = mean|x| ** alpha (AWQ), alpha searched on weight_only_grid; only with alpha="search"
-        "weight_only": True,
-        "weight_only_grid": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
-        # rows of cached layer input used by the alpha search
-        "search_tokens": 512,
-        # clamp of the smoothing factors (guards channels that are dead in the calibration data)
-        "min_scale": 1e-5,
-        "max_scale": 1e5,
-        # custom (prev -> consumers) table for architectures without a built-in one
-        "table": None,
-    },
-    "gptq": {
-        "block_size": 128,
-        "damp": 0.01,
-        "act_order": False,
-        # group params computed once from the original weight (forced with act_order + groups)
-        "static_groups": False,
-        # Cholesky failures are retried with 10x the dampening this many times, then RTN is used
-        "max_damp_retries": 6,
-        "hessian_dtype": "float32",
-        # compute tr(dW H dW^T) of GPTQ and of round-to-nearest, to report what GPTQ bought
-        "report_error": True,
-        # inside each decoder layer, round the modules in call order (q/k/v, o, gate/up, down), each
-        # group's Hessian taken after the earlier groups were rounded (GPTQ's "true sequential")
-        "true_sequential": False,
-        # fit each module to the *float* model's output (GPTAQ-style asymmetric calibration): the
-        # weight is first corrected for the drift of its (quantized-model) input, then rounded;
-        # turns true_sequential on
-        "float_targets": False,
-    },
-    "auto_precision": {
-        "budget": {"max_ppl_increase_pct": 0.3},
-        # precision given to the modules kept out of the base scheme: "fp16", "bf16", "fp32", or a
-        # rule fragment such as {"precision": "int8", "activations": "dynamic"}
-        "fallback": "fp16",
-        # "kl": quantize one module at a time (RTN) and measure KL(float || model) on a few windows;
-        # "loss": the same with the NLL change (noisier); "sqnr": one pass, output SQNR of each
-        # module quantized alone (cheapest, crudest)
-        "sensitivity": "kl",
-        "sensitivity_windows": 4,
-        # the search aims at margin * budget on the search windows, leaving room for held-out noise
-        "margin": 0.75,
-        # positions scored per sensitivity window (the last ones; the LM head runs only there)
-        "sensitivity_tokens": 128,
-        # if the held-out check fails, search again for half the target (at most this many rounds in all)
-        "max_rounds": 3,
-        "batch_size": 4,
-        "candidates": None,  # None = every quantized module of the plan; or a list of kinds/names
-        "measure_speed": False,  # time a prefill of the base and the chosen model (hfptq.evaluation.latency)
-    },
-}
+#: Defaults of every option, per algorithm (from the one options schema, :mod:`hfptq.options`, where
+#: each option's type, range and meaning live). ``validate_options`` fills the missing ones.
+OPTION_DEFAULTS: Dict[str, Dict[str, Any]] = {name: defaults(name) for name in ("smoothquant", "gptq", "auto_precision")}
 ALGORITHM_NAMES = tuple(OPTION_DEFAULTS)
 
 _BUDGET_KEYS = ("max_ppl_increase_pct", "max_nll_increase", "max_metric_drop")
