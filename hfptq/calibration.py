@@ -19,7 +19,10 @@ Memory is bounded by one decoder layer, not by the whole model's activations:
    they depend on the layer (Gemma 3 alternates sliding-window and global attention) and on the
    batch shape, never on the token values. When the model's loop does not hand each layer's
    output straight to the next layer (layers returning tuples), the probe runs the real layers.
-2. **Layers.** For each decoder layer ``i``: [SmoothQuant: a pass collecting the per-channel
+2. **Layers.** The engine knows no algorithm: each one is a :class:`CalibrationStep`
+   (:mod:`hfptq.algorithms.base`; :func:`default_steps` builds SmoothQuant's and GPTQ's from the
+   config) called before the observing pass, for statistics hooks in it, and after it. In effect,
+   for each decoder layer ``i``: [SmoothQuant: a pass collecting the per-channel
    abs-max of every linear input, then ``smooth_layer`` folds the smoothing scales] → the
    observing pass (forward pre-hooks feed the observers of the static modules, the GPTQ Hessians
    and ``extra_stats_hooks``) → [GPTQ: quantize each linear of the layer, then a pass with the
@@ -477,6 +480,184 @@ class _Slot:
     observer: Observer
 
 
+def _check_batches(b: Any, model: nn.Module, batch_size: int) -> None:
+    """Calibration batches: a non-empty integer ``[num_samples, seq_len]`` tensor within the vocabulary."""
+    if not isinstance(b, torch.Tensor):
+        raise CalibrationError(f"Calibration batches must be a LongTensor [num_samples, seq_len] (got {type(b).__name__}).")
+    if b.dim() != 2 or b.numel() == 0:
+        raise CalibrationError(
+            f"Calibration batches must be a non-empty [num_samples, seq_len] tensor of token ids (got shape "
+            f"{tuple(b.shape)}); build them with hfptq.data.calibration_batches(spec, tokenizer)."
+        )
+    if b.is_floating_point() or b.is_complex() or b.dtype == torch.bool:
+        raise CalibrationError(f"Calibration batches must hold integer token ids (got dtype {b.dtype}).")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    low, high = int(b.min()), int(b.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise CalibrationError(
+            f"Calibration token ids span [{low}, {high}] but the model's vocabulary has {vocab} entries; the "
+            "tokenizer does not match the model (set calibration.tokenizer to the model's own tokenizer)."
+        )
+    if batch_size <= 0:
+        raise ConfigError(f"calibration.batch_size must be a positive integer (got {batch_size}).")
+
+
+class _LayerInputs:
+    """The layer stack's inputs, captured once: every sample's hidden states at the first layer
+    (``cache``), each layer's extra call arguments per batch size (``calls``), each layer's output
+    structure (``templates``) and the order the model calls its layers in (``order``)."""
+
+    def __init__(self, run: "_Engine") -> None:
+        self.run = run
+        self.cache: Optional[torch.Tensor] = None
+        self.calls: Dict[int, Dict[int, Tuple[tuple, dict]]] = {}
+        self.templates: Dict[int, Dict[int, Any]] = {}
+        self.order: List[int] = []
+
+    def probe(self, ids: torch.Tensor, size: int, real: bool) -> Optional[Tuple[torch.Tensor, dict, dict, list]]:
+        """Run one batch recording every layer's call: ``(layer-0 input, calls, output templates, order)``.
+
+        ``real=False`` swaps the layers for recording pass-through stubs (costs only the embedding);
+        ``real=True`` runs the real layers with hooks (needed when a layer's output is not a plain
+        tensor). Returns None when the layers do not form a simple chain.
+        """
+        run = self.run
+        name, layers = run.layers
+        n = len(layers)
+        calls: Dict[int, Tuple[tuple, dict]] = {}
+        templates: Dict[int, Any] = {}
+        order: List[int] = []
+        state: Dict[str, Any] = {"first": None, "last_out": None, "chain": True}
+
+        def record(index: int, hidden: Any, rest: tuple, kw: dict, passthrough: bool = False) -> None:
+            if not isinstance(hidden, torch.Tensor):
+                state["chain"] = False
+                raise _StopForward
+            order.append(index)
+            if state["first"] is None:
+                state["first"] = hidden
+            elif state["last_out"] is not None and not (
+                hidden is state["last_out"]
+                or (hidden.shape == state["last_out"].shape and torch.equal(hidden, state["last_out"]))
+            ):
+                state["chain"] = False
+            # a pass-through stub returns its input: the next layer must receive that very tensor
+            state["last_out"] = hidden if passthrough else None
+            calls[index] = _sanitize_call(rest, kw)
+
+        def pre(index: int):
+            def hook(module, args, kwargs):
+                hidden, rest, kw = split_layer_call(args, kwargs)
+                record(index, hidden, rest, kw)
+            return hook
+
+        def post(index: int):
+            def hook(module, args, kwargs, output):
+                templates[index] = _strip_template(output)
+                state["last_out"] = _hidden_of(output)
+                if index == n - 1:
+                    raise _StopForward
+            return hook
+
+        def stop(module, args, kwargs):
+            raise _StopForward
+
+        handles = []
+        originals = {i: layers[i] for i in range(n)}
+        try:
+            if real:
+                for index in range(n):
+                    handles.append(layers[index].register_forward_pre_hook(pre(index), with_kwargs=True))
+                    handles.append(layers[index].register_forward_hook(post(index), with_kwargs=True))
+            else:
+                for index in range(n):
+                    stub = LayerStandIn(originals[index], template=torch.empty(0))
+                    stub.recorder = (lambda h, r, k, _i=index: record(_i, h, r, k, passthrough=True))
+                    layers[index] = stub
+            # never compute logits, even when the loop skips the last layers of the list
+            out_emb = run.model.get_output_embeddings() if hasattr(run.model, "get_output_embeddings") else None
+            if out_emb is not None:
+                handles.append(out_emb.register_forward_pre_hook(stop, with_kwargs=True))
+            try:
+                run._run_model(ids)
+            except CalibrationError:
+                raise
+            except Exception as exc:  # a stub broke the model's loop: retry with the real layers
+                if real:
+                    raise
+                logger.debug("hfptq calibration: pass-through probe failed (%s); probing with the real layers", exc)
+                return None
+        finally:
+            for handle in handles:
+                handle.remove()
+            for i, module in originals.items():
+                layers[i] = module
+        first = state["first"]
+        if first is None or not state["chain"] or not order or order[0] != 0 or order != sorted(set(order)):
+            return None  # layers called out of order, twice (shared weights), not at all, or not chained
+        if not real:
+            templates = {i: torch.empty(0) for i in order}
+        return first, calls, templates, order
+
+    def capture(self) -> bool:
+        """Fill the hidden-state cache and record each layer's call per batch size.
+
+        Returns False when the layer stack is not a simple chain (fall back to whole-model mode).
+        """
+        run = self.run
+        name, layers = run.layers
+        self.calls, self.templates, self.order, self.cache = {}, {}, [], None
+        real_probe = False
+        for b, (start, end) in enumerate(run.slices):
+            run.batch_index = b
+            size = end - start
+            ids = run._ids(start, end)
+            if size not in self.calls:
+                probed = None if real_probe else self.probe(ids, size, real=False)
+                if probed is None:
+                    real_probe = True
+                    probed = self.probe(ids, size, real=True)
+                if probed is None:
+                    return False
+                first, calls, templates, order = probed
+                if not self.order:
+                    self.order = order
+                elif order != self.order:
+                    return False
+                self.calls[size] = calls
+                self.templates[size] = templates
+            else:
+                captured: Dict[str, Any] = {}
+
+                def capture(module, args, kwargs):
+                    captured["hidden"] = split_layer_call(args, kwargs)[0]
+                    raise _StopForward
+
+                handle = layers[self.order[0]].register_forward_pre_hook(capture, with_kwargs=True)
+                try:
+                    run._run_model(ids)
+                finally:
+                    handle.remove()
+                first = captured.get("hidden")
+                if not isinstance(first, torch.Tensor):
+                    return False
+            if first.dim() < 2 or first.shape[0] != size:
+                return False
+            if self.cache is None:
+                self.cache = torch.empty((run.num_samples,) + tuple(first.shape[1:]), dtype=first.dtype, device="cpu")
+            elif tuple(first.shape[1:]) != tuple(self.cache.shape[1:]):
+                return False
+            if not bool(torch.isfinite(first).all()):
+                raise CalibrationError(
+                    f"The input of {name}.0 (the embedding output) holds NaN/Inf in calibration batch {b} (samples "
+                    f"{start}-{end - 1}); check the model's embedding weights. Nothing was applied to the model."
+                )
+            self.cache[start:end].copy_(first)
+            run._tick("hfptq: calibration inputs")
+        return True
+
+
 class _Engine:
     """The sequential calibration run: passes, memory, commit-on-success; algorithms are ``steps``.
 
@@ -519,25 +700,7 @@ class _Engine:
     # -------------------------------------------------------------------- validation
     def validate(self) -> None:
         b = self.batches
-        if not isinstance(b, torch.Tensor):
-            raise CalibrationError(f"Calibration batches must be a LongTensor [num_samples, seq_len] (got {type(b).__name__}).")
-        if b.dim() != 2 or b.numel() == 0:
-            raise CalibrationError(
-                f"Calibration batches must be a non-empty [num_samples, seq_len] tensor of token ids (got shape "
-                f"{tuple(b.shape)}); build them with hfptq.data.calibration_batches(spec, tokenizer)."
-            )
-        if b.is_floating_point() or b.is_complex() or b.dtype == torch.bool:
-            raise CalibrationError(f"Calibration batches must hold integer token ids (got dtype {b.dtype}).")
-        emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
-        vocab = getattr(emb, "num_embeddings", None)
-        low, high = int(b.min()), int(b.max())
-        if low < 0 or (vocab is not None and high >= vocab):
-            raise CalibrationError(
-                f"Calibration token ids span [{low}, {high}] but the model's vocabulary has {vocab} entries; the "
-                "tokenizer does not match the model (set calibration.tokenizer to the model's own tokenizer)."
-            )
-        if self.batch_size <= 0:
-            raise ConfigError(f"calibration.batch_size must be a positive integer (got {self.batch_size}).")
+        _check_batches(b, self.model, self.batch_size)
         self.num_samples, self.seq_len = int(b.shape[0]), int(b.shape[1])
         self.slices = [(s, min(s + self.batch_size, self.num_samples)) for s in range(0, self.num_samples, self.batch_size)]
         for entry in self.plan:
@@ -735,147 +898,6 @@ class _Engine:
             for i, module in originals.items():
                 layers[i] = module
 
-    # -------------------------------------------------------------------- sequential: capture
-    def _probe(self, ids: torch.Tensor, size: int, real: bool) -> Optional[Tuple[torch.Tensor, dict, dict, list]]:
-        """Run one batch recording every layer's call: ``(layer-0 input, calls, output templates, order)``.
-
-        ``real=False`` swaps the layers for recording pass-through stubs (costs only the embedding);
-        ``real=True`` runs the real layers with hooks (needed when a layer's output is not a plain
-        tensor). Returns None when the layers do not form a simple chain.
-        """
-        name, layers = self.layers
-        n = len(layers)
-        calls: Dict[int, Tuple[tuple, dict]] = {}
-        templates: Dict[int, Any] = {}
-        order: List[int] = []
-        state: Dict[str, Any] = {"first": None, "last_out": None, "chain": True}
-
-        def record(index: int, hidden: Any, rest: tuple, kw: dict, passthrough: bool = False) -> None:
-            if not isinstance(hidden, torch.Tensor):
-                state["chain"] = False
-                raise _StopForward
-            order.append(index)
-            if state["first"] is None:
-                state["first"] = hidden
-            elif state["last_out"] is not None and not (
-                hidden is state["last_out"]
-                or (hidden.shape == state["last_out"].shape and torch.equal(hidden, state["last_out"]))
-            ):
-                state["chain"] = False
-            # a pass-through stub returns its input: the next layer must receive that very tensor
-            state["last_out"] = hidden if passthrough else None
-            calls[index] = _sanitize_call(rest, kw)
-
-        def pre(index: int):
-            def hook(module, args, kwargs):
-                hidden, rest, kw = split_layer_call(args, kwargs)
-                record(index, hidden, rest, kw)
-            return hook
-
-        def post(index: int):
-            def hook(module, args, kwargs, output):
-                templates[index] = _strip_template(output)
-                state["last_out"] = _hidden_of(output)
-                if index == n - 1:
-                    raise _StopForward
-            return hook
-
-        def stop(module, args, kwargs):
-            raise _StopForward
-
-        handles = []
-        originals = {i: layers[i] for i in range(n)}
-        try:
-            if real:
-                for index in range(n):
-                    handles.append(layers[index].register_forward_pre_hook(pre(index), with_kwargs=True))
-                    handles.append(layers[index].register_forward_hook(post(index), with_kwargs=True))
-            else:
-                for index in range(n):
-                    stub = LayerStandIn(originals[index], template=torch.empty(0))
-                    stub.recorder = (lambda h, r, k, _i=index: record(_i, h, r, k, passthrough=True))
-                    layers[index] = stub
-            # never compute logits, even when the loop skips the last layers of the list
-            out_emb = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-            if out_emb is not None:
-                handles.append(out_emb.register_forward_pre_hook(stop, with_kwargs=True))
-            try:
-                self._run_model(ids)
-            except CalibrationError:
-                raise
-            except Exception as exc:  # a stub broke the model's loop: retry with the real layers
-                if real:
-                    raise
-                logger.debug("hfptq calibration: pass-through probe failed (%s); probing with the real layers", exc)
-                return None
-        finally:
-            for handle in handles:
-                handle.remove()
-            for i, module in originals.items():
-                layers[i] = module
-        first = state["first"]
-        if first is None or not state["chain"] or not order or order[0] != 0 or order != sorted(set(order)):
-            return None  # layers called out of order, twice (shared weights), not at all, or not chained
-        if not real:
-            templates = {i: torch.empty(0) for i in order}
-        return first, calls, templates, order
-
-    def _capture(self) -> bool:
-        """Fill the hidden-state cache and record each layer's call per batch size.
-
-        Returns False when the layer stack is not a simple chain (fall back to whole-model mode).
-        """
-        name, layers = self.layers
-        self.calls, self.templates, self.order, self.cache = {}, {}, [], None
-        real_probe = False
-        for b, (start, end) in enumerate(self.slices):
-            self.batch_index = b
-            size = end - start
-            ids = self._ids(start, end)
-            if size not in self.calls:
-                probed = None if real_probe else self._probe(ids, size, real=False)
-                if probed is None:
-                    real_probe = True
-                    probed = self._probe(ids, size, real=True)
-                if probed is None:
-                    return False
-                first, calls, templates, order = probed
-                if not self.order:
-                    self.order = order
-                elif order != self.order:
-                    return False
-                self.calls[size] = calls
-                self.templates[size] = templates
-            else:
-                captured: Dict[str, Any] = {}
-
-                def capture(module, args, kwargs):
-                    captured["hidden"] = split_layer_call(args, kwargs)[0]
-                    raise _StopForward
-
-                handle = layers[self.order[0]].register_forward_pre_hook(capture, with_kwargs=True)
-                try:
-                    self._run_model(ids)
-                finally:
-                    handle.remove()
-                first = captured.get("hidden")
-                if not isinstance(first, torch.Tensor):
-                    return False
-            if first.dim() < 2 or first.shape[0] != size:
-                return False
-            if self.cache is None:
-                self.cache = torch.empty((self.num_samples,) + tuple(first.shape[1:]), dtype=first.dtype, device="cpu")
-            elif tuple(first.shape[1:]) != tuple(self.cache.shape[1:]):
-                return False
-            if not bool(torch.isfinite(first).all()):
-                raise CalibrationError(
-                    f"The input of {name}.0 (the embedding output) holds NaN/Inf in calibration batch {b} (samples "
-                    f"{start}-{end - 1}); check the model's embedding weights. Nothing was applied to the model."
-                )
-            self.cache[start:end].copy_(first)
-            self._tick("hfptq: calibration inputs")
-        return True
-
     # -------------------------------------------------------------------- sequential: layers
     def _plan_work(self) -> None:
         """Which layers must run (``last_needed``) and whether the tail pass is needed."""
@@ -1042,8 +1064,11 @@ class _Engine:
             if self.layers is not None:
                 self.bar = tqdm(total=n_batches * (1 + passes * len(self.layers[1]) + 1), desc="hfptq: calibration inputs",
                                 disable=not self.progress, leave=False)
+                inputs = _LayerInputs(self)
                 with torch.inference_mode():
-                    chained = self._capture()
+                    chained = inputs.capture()
+                self.cache, self.calls, self.templates, self.order = (inputs.cache, inputs.calls, inputs.templates,
+                                                                      inputs.order)
                 if not chained:
                     if self.steps:
                         raise ConfigError(
@@ -1064,7 +1089,7 @@ class _Engine:
                 self.bar = tqdm(total=n_batches, desc="hfptq: calibrating (whole model)", disable=not self.progress,
                                 leave=False)
                 self._run_whole_model()
-            input_qparams, ranges = self._finalize()
+            input_qparams, ranges = _frozen_qparams(self.slots)
         finally:
             if self.bar is not None:
                 self.bar.close()
@@ -1072,7 +1097,7 @@ class _Engine:
             self.model.train(was_training)
         seconds = time.perf_counter() - started
         peak = _read_status_bytes("VmHWM")
-        info = self._info(mode, observers, seconds, peak, rss_before, estimate, ranges)
+        info = _run_info(self, mode, observers, seconds, peak, rss_before, estimate, ranges)
         # Everything succeeded: only now do the steps' changes reach the model (GPTQ weights travel in the
         # result); the smoothed planned linears are handed over as the model's own, updated, weights.
         with torch.no_grad():
@@ -1088,70 +1113,75 @@ class _Engine:
         return CalibrationResult(input_qparams=input_qparams, weights=dict(self.weights),
                                  weight_qparams=dict(self.weight_qparams), info=info)
 
-    def _info(self, mode, observers, seconds, peak, rss_before, estimate, ranges) -> Dict[str, Any]:
-        schemes: Dict[str, int] = {}
-        for slot in self.slots.values():
-            words = describe_activation_scheme(slot.settings)
-            schemes[words] = schemes.get(words, 0) + 1
-        calib = dict(self.config.calibration or {})
-        dataset = calib.get("dataset")
-        info: Dict[str, Any] = {
-            "dataset": dataset if isinstance(dataset, str) or dataset is None else f"<in-memory {type(dataset).__name__}>",
-            "config": calib.get("config"),
-            "split": calib.get("split"),
-            "num_samples": self.num_samples,
-            "seq_len": self.seq_len,
-            "batch_size": self.batch_size,
-            "num_tokens": self.num_samples * self.seq_len,
-            "engine": (f"sequential, layer by layer ({len(self.order)} layers of {self.layers[0]})"
-                       if mode == "sequential" else "whole-model forwards"),
-            "observer": observers[0] if len(observers) == 1 else (observers or None),
-            "activation_scheme": (next(iter(schemes)) if len(schemes) == 1 else
-                                  "; ".join(f"{w} for {c} modules" for w, c in schemes.items()) or None),
-            "compute_dtype": self._compute_words(),
-            "seconds": round(seconds, 3),
-            "peak_rss_bytes": peak,
-            "rss_before_bytes": rss_before,
-            "estimated_memory_bytes": estimate.total,
-            "estimated_memory": estimate.to_dict(),
-            "modules": ranges,
-        }
-        for step in self.steps:
-            info[step.name] = step.records
-        if self.steps:
-            # what each accuracy algorithm bought, for the report
-            info["algorithms"] = algorithms.summarize_algorithms(info.get("smoothquant"), info.get("gptq"), self.config)
-        return info
+def _run_info(run: "_Engine", mode: str, observers: List[str], seconds: float, peak: Optional[int],
+              rss_before: Optional[int], estimate: MemoryEstimate, ranges: Dict[str, Any]) -> Dict[str, Any]:
+    """``CalibrationResult.info``: what ran, on what, how long, how much memory; each step's records."""
+    schemes: Dict[str, int] = {}
+    for slot in run.slots.values():
+        words = describe_activation_scheme(slot.settings)
+        schemes[words] = schemes.get(words, 0) + 1
+    calib = dict(run.config.calibration or {})
+    dataset = calib.get("dataset")
+    info: Dict[str, Any] = {
+        "dataset": dataset if isinstance(dataset, str) or dataset is None else f"<in-memory {type(dataset).__name__}>",
+        "config": calib.get("config"),
+        "split": calib.get("split"),
+        "num_samples": run.num_samples,
+        "seq_len": run.seq_len,
+        "batch_size": run.batch_size,
+        "num_tokens": run.num_samples * run.seq_len,
+        "engine": (f"sequential, layer by layer ({len(run.order)} layers of {run.layers[0]})"
+                   if mode == "sequential" else "whole-model forwards"),
+        "observer": observers[0] if len(observers) == 1 else (observers or None),
+        "activation_scheme": (next(iter(schemes)) if len(schemes) == 1 else
+                              "; ".join(f"{w} for {c} modules" for w, c in schemes.items()) or None),
+        "compute_dtype": run._compute_words(),
+        "seconds": round(seconds, 3),
+        "peak_rss_bytes": peak,
+        "rss_before_bytes": rss_before,
+        "estimated_memory_bytes": estimate.total,
+        "estimated_memory": estimate.to_dict(),
+        "modules": ranges,
+    }
+    for step in run.steps:
+        info[step.name] = step.records
+    if run.steps:
+        # what each accuracy algorithm bought, for the report
+        info["algorithms"] = algorithms.summarize_algorithms(info.get("smoothquant"), info.get("gptq"), run.config)
+    return info
 
-    def _finalize(self):
-        missing = [n for n, s in self.slots.items() if s.observer.num_batches == 0]
-        if missing:
-            raise CalibrationError(
-                f"{len(missing)} static module(s) never received an input during calibration (e.g. {missing[0]!r}): "
-                "the model's forward does not call them on token ids. Keep them dynamic or skip them with a rule; "
-                "nothing was applied to the model."
-            )
-        input_qparams: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
-        ranges: Dict[str, Dict[str, Any]] = {}
-        for name, slot in self.slots.items():
-            with torch.inference_mode():
-                scale, zero_point = slot.observer.compute_qparams()
-                observed = _observed_range(slot.observer)
-            scale = scale.detach().clone().float().reshape(())
-            symmetric = slot.settings["symmetric"]
-            zp = None if symmetric else zero_point.detach().clone().to(torch.int32).reshape(())
-            input_qparams[name] = (scale, zp)
-            qmin, qmax = qrange(slot.settings["bits"], symmetric)
-            z = 0 if zp is None else int(zp)
-            ranges[name] = {
-                "observer": slot.settings["observer"],
-                "scheme": describe_activation_scheme(slot.settings),
-                "scale": float(scale),
-                "zero_point": None if zp is None else int(zp),
-                "range": [float((qmin - z) * scale), float((qmax - z) * scale)],
-                "observed_range": observed,
-            }
-        return input_qparams, ranges
+
+def _frozen_qparams(slots: Mapping[str, _Slot]) -> Tuple[Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]],
+                                                        Dict[str, Dict[str, Any]]]:
+    """The frozen input ``(scale, zero_point)`` of every static module, and its range in words for the report."""
+    missing = [n for n, s in slots.items() if s.observer.num_batches == 0]
+    if missing:
+        raise CalibrationError(
+            f"{len(missing)} static module(s) never received an input during calibration (e.g. {missing[0]!r}): "
+            "the model's forward does not call them on token ids. Keep them dynamic or skip them with a rule; "
+            "nothing was applied to the model."
+        )
+    input_qparams: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+    ranges: Dict[str, Dict[str, Any]] = {}
+    for name, slot in slots.items():
+        with torch.inference_mode():
+            scale, zero_point = slot.observer.compute_qparams()
+            observed = _observed_range(slot.observer)
+        scale = scale.detach().clone().float().reshape(())
+        symmetric = slot.settings["symmetric"]
+        zp = None if symmetric else zero_point.detach().clone().to(torch.int32).reshape(())
+        input_qparams[name] = (scale, zp)
+        qmin, qmax = qrange(slot.settings["bits"], symmetric)
+        z = 0 if zp is None else int(zp)
+        ranges[name] = {
+            "observer": slot.settings["observer"],
+            "scheme": describe_activation_scheme(slot.settings),
+            "scale": float(scale),
+            "zero_point": None if zp is None else int(zp),
+            "range": [float((qmin - z) * scale), float((qmax - z) * scale)],
+            "observed_range": observed,
+        }
+    return input_qparams, ranges
 
 
 def _strip_template(output: Any) -> Any:

@@ -245,14 +245,14 @@ def test_each_observer_matches_reference_asymmetric(observer, model_dirs, text_f
 
 def _spy_probes(monkeypatch):
     probes = []
-    original = calib._Engine._probe
+    original = calib._LayerInputs.probe
 
     def spy(self, ids, size, real):
         out = original(self, ids, size, real)
         probes.append((size, real, out is not None))
         return out
 
-    monkeypatch.setattr(calib._Engine, "_probe", spy)
+    monkeypatch.setattr(calib._LayerInputs, "probe", spy)
     return probes
 
 
