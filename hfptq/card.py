@@ -318,14 +318,16 @@ def render_model_card(model: nn.Module, *, load_from: Optional[str] = None,
     lines: List[str] = ["---", yaml.safe_dump(card_metadata(model), sort_keys=False).rstrip(), "---", CARD_BEGIN,
                         f"# {title}", ""]
     intro = (f"Post-training quantized checkpoint written by [hfptq](https://pypi.org/project/hfptq/) {__version__} "
-             f"(checkpoint format {CHECKPOINT_FORMAT})")
+             + (f"(checkpoint format {CHECKPOINT_FORMAT})" if export is None else f"(exported as {export.get('format')})"))
     intro += f" from `{base_label}`." if base_label else "."
     lines += [intro, "", "## What was quantized", "",
               "| module kind | precision | scheme | modules | parameters |", "|---|---|---|---|---|"]
     for kind, precision, scheme, count, params in plan_table(plan):
         lines.append(f"| {kind} | {precision} | {scheme} | {count} | {_fmt_count(params) if params else '-'} |")
     skip_note = "`skip` modules are left as they were. " if any(e.precision == "skip" for e in plan) else ""
-    lines += ["", f"{skip_note}The full per-module plan is stored in `config.json` (`quantization_config.plan`); "
+    where_plan = ("`config.json` (`quantization_config.plan`)" if export is None else
+                  "`config.json` (`quantization_config.config_groups` and `ignore`)")
+    lines += ["", f"{skip_note}The full per-module plan is stored in {where_plan}; "
                   f"the settings that produced it are in `{RECIPE_FILENAME}`.", ""]
     lines += ["## Calibration", ""] + _calibration_lines(model, config) + [""]
 
@@ -370,7 +372,9 @@ def _export_load_lines(export: Mapping[str, Any], auto: str, source: str) -> Lis
     """"How to load" of a compressed-tensors export: the engines that serve it, no hfptq needed."""
     lines = ["## Format and serving", "",
              f"Exported by hfptq in the **{export.get('format')}** format: loading it does not need hfptq. "
-             "Engines that can serve it: " + ", ".join(export.get("engines") or []) + ".", ""]
+             "Engines that can serve it: " + ", ".join(export.get("engines") or []) + " (hfptq tests the reload with "
+             "stock Transformers; vLLM and SGLang load the same compressed-tensors schemes but are not run by hfptq's "
+             "tests).", ""]
     for note in export.get("vllm_notes") or []:
         lines.append(f"- vLLM caveat: {note}.")
     if export.get("untied"):

@@ -221,7 +221,10 @@ def test_every_exportable_plan_reloads_without_hfptq(float_dir, calib_file, tmp_
             # are the exact ones (measured: 4e-7 without such a flip, 6e-3 with one, on |logits| ~1.4)
             assert diff <= 0.02 * float(ours.abs().max()), (name, diff, flips)
             assert float((ours.argmax(-1) == stock["logits"].argmax(-1)).float().mean()) >= 0.9, name
-        assert (folder / "README.md").read_text().count("vLLM") >= 1
+        assert (folder / "README.md").read_text().count("vLLM") >= 1 and (folder / "hfptq_recipe.yaml").exists()
+        umask = os.umask(0)
+        os.umask(umask)
+        assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
         assert not list(tmp_path.glob(".*hfptq-partial*"))
 
 

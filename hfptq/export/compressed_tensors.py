@@ -455,14 +455,28 @@ def _write_tensors(folder: Path, tensors: Dict[str, torch.Tensor], max_shard_siz
                                                max_shard_size=max_shard_size)
     for filename, keys in split.filename_to_tensors.items():
         save_file({k: tensors[k] for k in keys}, str(folder / filename), metadata={"format": "pt"})
+        _umask_mode(folder / filename)
     if split.is_sharded:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": split.tensor_to_filename}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def _umask_mode(path: Path) -> None:
+    """safetensors writes files 0600; give them the mode any other file here gets (0666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _write_card(folder: Path, model: nn.Module, result: ExportResult, target: Path) -> None:
-    from ..card import write_model_card
+    from ..card import write_model_card, write_recipe
+
+    try:
+        write_recipe(folder, model, name=target.name)
+    except Exception:
+        logger.warning("hfptq: could not write the recipe next to the export; the checkpoint is saved anyway.",
+                       exc_info=True)
 
     existing = target / "README.md"
     try:
