@@ -112,6 +112,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CalibrationResult",
+    "CalibrationRun",
     "CalibrationStep",
     "ChannelAbsMax",
     "CrossAccumulator",
@@ -508,7 +509,7 @@ class _LayerInputs:
     (``cache``), each layer's extra call arguments per batch size (``calls``), each layer's output
     structure (``templates``) and the order the model calls its layers in (``order``)."""
 
-    def __init__(self, run: "_Engine") -> None:
+    def __init__(self, run: "CalibrationRun") -> None:
         self.run = run
         self.cache: Optional[torch.Tensor] = None
         self.calls: Dict[int, Dict[int, Tuple[tuple, dict]]] = {}
@@ -658,13 +659,17 @@ class _LayerInputs:
         return True
 
 
-class _Engine:
-    """The sequential calibration run: passes, memory, commit-on-success; algorithms are ``steps``.
+class CalibrationRun:
+    """One calibration run (made by :func:`calibrate`): passes, memory, commit-on-success; algorithms are ``steps``.
 
     Steps (:class:`hfptq.algorithms.base.CalibrationStep`) reach the run through ``model``,
     ``plan``, ``config``, ``slots``, ``steps``, the result dicts ``weights`` / ``weight_qparams`` /
     ``plan_updates``, and the passes :meth:`layer_pass`, :meth:`tail_pass`,
     :meth:`forward_first_batch`.
+
+    Example:
+        >>> result = CalibrationRun(model, plan, config, ids, progress=False, extra_stats_hooks=(),
+        ...                         steps=default_steps(config)).run()                  # doctest: +SKIP
     """
 
     def __init__(self, model: nn.Module, plan: Plan, config: HfPtqConfig, batches: torch.Tensor, progress: bool,
@@ -822,7 +827,7 @@ class _Engine:
             tqdm.write(message)
 
     # -------------------------------------------------------------------- passes (also used by the steps)
-    def layer_pass(self, layer: LayerWork, *, write: bool, modules: Mapping[str, nn.Module] = {},
+    def layer_pass(self, layer: LayerWork, *, write: bool, modules: Optional[Mapping[str, nn.Module]] = None,
                    consumers: Sequence[StatsHook] = (), observe: bool = False, stop_after: Optional[nn.Module] = None,
                    module: Optional[nn.Module] = None, cache: Optional[torch.Tensor] = None) -> None:
         """Run ``module`` (default ``layer.work``) over every calibration batch of ``cache`` (default: the
@@ -832,7 +837,7 @@ class _Engine:
         module = layer.work if module is None else module
         cache = self.cache if cache is None else cache
         device = _module_device(module, self.input_device)
-        with torch.inference_mode(), self._hooks(modules, consumers, observe, stop_after):
+        with torch.inference_mode(), self._hooks(modules or {}, consumers, observe, stop_after):
             for b, (start, end) in enumerate(self.slices):
                 self.batch_index = b
                 rest, kwargs = self.calls[end - start][index]
@@ -1113,7 +1118,7 @@ class _Engine:
         return CalibrationResult(input_qparams=input_qparams, weights=dict(self.weights),
                                  weight_qparams=dict(self.weight_qparams), info=info)
 
-def _run_info(run: "_Engine", mode: str, observers: List[str], seconds: float, peak: Optional[int],
+def _run_info(run: "CalibrationRun", mode: str, observers: List[str], seconds: float, peak: Optional[int],
               rss_before: Optional[int], estimate: MemoryEstimate, ranges: Dict[str, Any]) -> Dict[str, Any]:
     """``CalibrationResult.info``: what ran, on what, how long, how much memory; each step's records."""
     schemes: Dict[str, int] = {}
@@ -1250,7 +1255,7 @@ def calibrate(
         (tensor(0.0123), None)
     """
     steps = default_steps(config) if steps is None else list(steps)
-    return _Engine(model, plan, config, batches, progress, extra_stats_hooks, steps).run()
+    return CalibrationRun(model, plan, config, batches, progress, extra_stats_hooks, steps).run()
 
 
 def default_steps(config: HfPtqConfig) -> List[CalibrationStep]:
