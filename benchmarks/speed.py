@@ -52,10 +52,12 @@ What is measured
   decode after loading (the peak of loading itself is reported in ``--json``), ``load s`` =
   ``from_pretrained`` plus quantization.
 * Perplexity on a fixed WikiText-2 test slice (``--ppl-windows`` windows of 512 positions, BOS +
-  511 tokens) for every configuration; for hfptq configurations also with the reference math
+  511 tokens) for every configuration; for hfptq configurations also with the 8-bit reference math
   (:func:`hfptq.quant.kernels.reference_math`), plus whether the full logits of the first window
   and the logits of 16 greedy decode steps are bit-identical between the fast path and the
-  reference math.
+  reference math of the route each module runs
+  (:func:`hfptq.quant.backends.route_reference_math`: the same as the 8-bit reference except on
+  the ``fbgemm-a7`` route of CPUs without VNNI, whose reference has 7-bit activations).
 
 Run::
 
@@ -364,10 +366,13 @@ def perplexity_rows(models: Dict[str, torch.nn.Module], args: argparse.Namespace
         if ids is not None:
             row["ppl"] = _ppl(model, ids, args, bos)
         if name.startswith("hfptq-"):
+            from hfptq.quant.backends import route_reference_math
+
             with torch.inference_mode():
                 fast = model(input_ids=check).logits
-                with reference_math():
+                with route_reference_math(model):  # the reference of what each module's route computes
                     ref = model(input_ids=check).logits
+                with reference_math():  # the 8-bit reference (differs from the route on fbgemm-a7)
                     if ids is not None:
                         row["ppl_ref"] = _ppl(model, ids, args, bos)
             row["identical"] = bool(torch.equal(fast, ref))
@@ -383,16 +388,18 @@ def perplexity_rows(models: Dict[str, torch.nn.Module], args: argparse.Namespace
 
 
 def _decode_logits(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> Tuple[tuple, tuple]:
-    """Greedy decode logits of every step, with the fast path and with the reference math."""
+    """Greedy decode logits of every step, with the fast path and with the reference math of the route
+    each module runs (:func:`hfptq.quant.backends.route_reference_math`: 7-bit activations on the
+    ``fbgemm-a7`` route, the 8-bit reference elsewhere)."""
     from hfptq.evaluation.latency import fixed_length_generation_config
-    from hfptq.quant.kernels import reference_math
+    from hfptq.quant.backends import route_reference_math
 
     gen = fixed_length_generation_config(model, steps)
     kw = dict(generation_config=gen, output_logits=True, return_dict_in_generate=True,
               attention_mask=torch.ones_like(prompt))
     with torch.no_grad():  # what generate uses; see hfptq.quant.kernels.prepared_input
         fast = model.generate(prompt, **kw).logits
-        with reference_math():
+        with route_reference_math(model):
             ref = model.generate(prompt, **kw).logits
     return fast, ref
 

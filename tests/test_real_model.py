@@ -80,14 +80,18 @@ def test_default_plan_with_int8_lm_head(gemma):
 
     # decode: one row per step, served by FBGEMM where it is exact here; every step's logits are the
     # reference int8 math's, bit for bit
-    from hfptq.quant.kernels import fbgemm_linear_available, reference_math
+    # (the reference of the route this CPU runs: 7-bit activations on fbgemm-a7, see hfptq.quant.backends)
+    from hfptq.quant.backends import route_reference_math, w8a8_backend
+    from hfptq.quant.kernels import fbgemm_linear_available
 
     prompt = tok("The capital of France is", return_tensors="pt")
     kw = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         fast = q.generate(**prompt, **kw)
-        with reference_math():
+        with route_reference_math(q):
             slow = q.generate(**prompt, **kw)
     assert torch.equal(fast.sequences, slow.sequences)
     assert all(torch.equal(a, b) for a, b in zip(fast.logits, slow.logits)) and len(fast.logits) == 8
-    assert ("_hfptq_fbgemm" in q.lm_head.__dict__) == fbgemm_linear_available()
+    route = w8a8_backend().name
+    uses_fbgemm = fbgemm_linear_available() if route == "onednn-vnni" else route in ("fbgemm", "fbgemm-a7")
+    assert ("_hfptq_fbgemm" in q.lm_head.__dict__) == uses_fbgemm

@@ -72,7 +72,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CpuFeatures", "Backend", "W8A8_BACKENDS", "HfPtqPerformanceWarning", "cpu_features", "w8a8_backend",
-    "module_backend", "module_route", "force_backend", "describe_model", "format_backends", "reset", "native_bf16",
+    "module_backend", "module_route", "route_reference_math", "force_backend", "describe_model", "format_backends", "reset", "native_bf16",
     "cpu_int_mm_fast",
 ]
 
@@ -393,6 +393,37 @@ def module_backend(module, device_type: str = "cpu") -> Backend:
             return Backend("int-mm", f"torch._int_mm on {device_type}")
         return _w8a8_module_route(module)
     return Backend("float", "not quantized by hfptq")
+
+
+@contextlib.contextmanager
+def route_reference_math(model: torch.nn.Module) -> Iterator[None]:
+    """:func:`~hfptq.quant.kernels.reference_math` with the activation bits each module's route really
+    uses: 7 for dynamic W8A8 modules on the ``fbgemm-a7`` route, unchanged elsewhere. Inside the block
+    the model computes the reference formulas of what its fast path computes, so the two are
+    bit-identical on every route (the plain ``reference_math()`` gives the 8-bit reference, which
+    ``fbgemm-a7`` does not reproduce).
+
+    Example:
+        >>> with route_reference_math(model):       # doctest: +SKIP
+        ...     ref = model(input_ids).logits
+        >>> torch.equal(ref, model(input_ids).logits)  # doctest: +SKIP
+        True
+    """
+    from .kernels import reference_math
+    from .linear import QuantLinear
+
+    changed = []
+    for module in model.modules():
+        if (isinstance(module, QuantLinear) and not module.fake and module.act_mode == "dynamic"
+                and module.qweight.device.type == "cpu" and module_route(module).name == "fbgemm-a7"):
+            changed.append((module, module.act_bits))
+            module.act_bits = min(module.act_bits, 7)
+    try:
+        with reference_math():
+            yield
+    finally:
+        for module, bits in changed:
+            module.act_bits = bits
 
 
 def _kind_label(module) -> str:

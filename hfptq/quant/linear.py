@@ -14,16 +14,19 @@ The float ``weight`` key is deliberately absent: a float model cannot mistake th
 Speed: every module has a *fast path* (the default) that produces bit-identical outputs to its
 reference formulas with fewer passes over memory (see :mod:`hfptq.quant.kernels`):
 
-* W8A8 (``act_mode`` ``"dynamic"``/``"static"``): activation quantization in place, ``torch._int_mm``,
-  rescale written into the int32 accumulator's own memory. On CPU, inputs of at most
-  :data:`~hfptq.quant.kernels.FBGEMM_MAX_ROWS` rows (decode) go through FBGEMM's int8 GEMM instead,
-  about twice as fast for one row; it keeps a packed copy of each int8 weight it has served (made on
-  the first such call; ``HFPTQ_FBGEMM=0`` turns the route off).
+* W8A8 (``act_mode`` ``"dynamic"``/``"static"``): activation quantization in place, an exact integer
+  matmul, rescale written into the int32 accumulator's own memory. Which integer kernel runs on CPU
+  is chosen per process from the CPU's features (:mod:`hfptq.quant.backends`): with AVX512-VNNI,
+  ``torch._int_mm`` (oneDNN) for prompts and FBGEMM's int8 GEMM for at most
+  :data:`~hfptq.quant.kernels.FBGEMM_MAX_ROWS` rows (decode, about twice as fast for one row);
+  without VNNI, FBGEMM for every row count (with 7-bit activations where FBGEMM would saturate
+  8-bit ones: route ``fbgemm-a7``). FBGEMM keeps a packed copy of each int8 weight it has served
+  (made on the first such call; ``HFPTQ_FBGEMM=0`` turns FBGEMM off).
 * Weight-only: the weight is dequantized a tile of rows at a time (cache-sized temporaries
   instead of a full float copy of the weight on every call).
-* :class:`FloatLinear`: the compute-dtype copy of the FP16 weight (bfloat16 on CPU) is made
-  once and reused while the weight is unchanged; :attr:`FloatLinear.cache_compute_weight`
-  turns that off to save memory.
+* :class:`FloatLinear`: the compute-dtype copy of the FP16 weight (on CPU bfloat16 where the CPU
+  has native bfloat16, else float32) is made once and reused while the weight is unchanged;
+  :attr:`FloatLinear.cache_compute_weight` turns that off to save memory.
 
 Derived tensors are plain attributes, never buffers: they are not saved, not counted as model
 weights, rebuilt lazily after a reload, and dropped when a module is pickled or deep-copied.
@@ -515,7 +518,9 @@ class FloatLinear(_DerivedCaches, nn.Module):
     """Linear kept in a float *storage* dtype (e.g. FP16) that computes in ``compute_dtype``.
 
     On CPU, FP16 matmul is about 200x slower than FP32, so ``compute_dtype="auto"`` computes FP16
-    storage in bfloat16 there (and in FP16 on CUDA). The output is returned in the input dtype.
+    storage in bfloat16 on CPUs with native bfloat16 (AVX512-BF16/AMX-BF16) and in float32 on the
+    others, where bfloat16 is emulated and 4-8x slower than float32 (and in FP16 on CUDA). The
+    output is returned in the input dtype.
 
     Converting the weight on every call reads and writes the whole matrix each time (for Gemma 3
     270M's attention that conversion alone costs more than the matmul at decode). With
@@ -523,7 +528,10 @@ class FloatLinear(_DerivedCaches, nn.Module):
     forward and reused while the weight is unchanged (in-place writes and reassignment are
     detected). Trade-off: a bfloat16 copy beside the FP16 storage doubles the resident bytes of
     these modules (Gemma 3 270M default plan: +59 MB, 297 -> 356 MB against 1,072 MB in FP32),
-    while the bytes read per token stay those of one 16-bit matrix. Set
+    while the bytes read per token stay those of one 16-bit matrix; a float32 copy (CPUs without
+    native bfloat16) triples them (+118 MB, 297 -> 415 MB, still well below FP32) and each token
+    reads the 32-bit copy, as FP32 does: converting per call instead would re-read and re-write the
+    matrix on every call, slower than FP32 for one token. Set
     ``FloatLinear.cache_compute_weight = False`` (class-wide) or on one instance to convert per
     call instead. Outputs are bit-identical either way.
 

@@ -379,3 +379,24 @@ def test_report_shows_the_backends_of_the_quantized_model(load_tiny):
     assert f"| W8A8 dynamic asym | {len([e for e in hfptq.get_plan(model) if e.precision == 'int8'])} | {route.name} | {route.reason} |" in md
     assert f"W8A8 dynamic asym -> {route.name}" in report.console_summary()
     assert QualityReport.from_dict(report.to_dict()).to_markdown() == md
+
+
+def test_route_reference_math_reproduces_every_route_on_a_model(load_tiny, tiny_input_ids):
+    """``route_reference_math`` is the reference of what the fast path computes, on every runnable route
+    (``reference_math`` alone is the 8-bit reference, which the 7-bit route differs from)."""
+    import hfptq
+
+    model = load_tiny("llama")
+    hfptq.quantize_model(model, hfptq.HfPtqConfig(), progress=False)
+    ids = tiny_input_ids("llama")
+    for route in backends.W8A8_BACKENDS:
+        if not _runnable(route):
+            continue
+        with torch.no_grad(), force_backend(route):
+            fast = model(input_ids=ids).logits
+            with backends.route_reference_math(model):
+                ref = model(input_ids=ids).logits
+            with reference_math():
+                ref8 = model(input_ids=ids).logits
+        assert torch.equal(fast, ref), route
+        assert torch.equal(fast, ref8) == (route != "fbgemm-a7"), route
