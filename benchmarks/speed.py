@@ -12,10 +12,11 @@ What is measured
   bf16                  the float model loaded with ``dtype=torch.bfloat16``
   torch.ao-dynamic      ``torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, qint8)``, the
                         classic recipe (FBGEMM, per-tensor activations); CPU only
-  hfptq-default         ``HfPtqConfig()``: attention FP16 storage (bfloat16 compute on CPU), FFN +
-                        LM head W8A8 (int8 per-channel weights, dynamic per-token int8
-                        activations; ``torch._int_mm``, FBGEMM for up to 32 rows such as a
-                        decode step), tied embedding reads the LM head's int8
+  hfptq-default         ``HfPtqConfig()``: attention FP16 storage (bfloat16 compute on CPUs with
+                        native bfloat16, else float32), FFN + LM head W8A8 (int8 per-channel
+                        weights, dynamic per-token int8 activations; with VNNI ``torch._int_mm``
+                        and FBGEMM for up to 32 rows such as a decode step, without VNNI FBGEMM,
+                        see ``hfptq.quant.backends``), tied embedding reads the LM head's int8
   hfptq-recipe          the plan of ``recipes/default.yaml`` (``HfPtqConfig()`` plus ``down_proj``'s
                         input rotated in Hadamard blocks of 128), without its SmoothQuant step
                         (which only rescales weights and norms: same kernels, no calibration run)
