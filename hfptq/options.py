@@ -54,7 +54,7 @@ class Option:
         parts = []
         if self.choices:
             parts.append(" \\| ".join(f"`{c}`" for c in self.choices))
-        if self.lo is not None or self.hi is not None:
+        if (self.lo is not None or self.hi is not None) and not self.pow2:
             left = "(" if self.open_lo else "["
             right = ")" if self.open_hi else "]"
             lo = "-inf" if self.lo is None else _num(self.lo)
@@ -68,7 +68,7 @@ class Option:
         if self.pow2:
             parts.append("power of two >= 2, or 0")
         if self.nullable:
-            parts.append("or `null`")
+            parts.append("or `null`" if parts else "`null` allowed")
         return "; ".join(parts)
 
     def default_text(self) -> str:
@@ -78,7 +78,7 @@ class Option:
             return f"`{str(self.default).lower()}`"
         if isinstance(self.default, str) and self.default.startswith("("):
             return self.default  # a description, e.g. "(by mode)"
-        return f"`{self.default!r}`" if not isinstance(self.default, (list, dict)) else f"`{self.default}`"
+        return f"`{self.default}`"
 
     # ------------------------------------------------------------------ checking
     def check(self, section: str, value: Any) -> None:
@@ -175,7 +175,9 @@ class Option:
         hi_bad = self.hi is not None and (value >= self.hi if self.open_hi else value > self.hi)
         pow2_bad = self.pow2 and value != 0 and not (value >= 2 and int(value) & (int(value) - 1) == 0)
         if lo_bad or hi_bad or pow2_bad:
-            if self.kind == "int" and self.hi is None and not self.pow2 and self.lo in (0, 1):
+            if self.pow2:
+                must = "a power of two >= 2 (or 0: off)"
+            elif self.kind == "int" and self.hi is None and self.lo in (0, 1):
                 must = "a positive integer" if self.lo == 1 else "a non-negative integer"
             else:
                 must = "in " + self.range_text().replace("`", "").replace("\\|", "|")
@@ -318,7 +320,7 @@ def check_options(section: str, values: Optional[Mapping[str, Any]], *, prefix: 
         >>> check_options("calibration", {"percentile": 150})
         Traceback (most recent call last):
         ...
-        hfptq.errors.ConfigError: calibration.percentile=150 is out of range: (0, 100]; or null. ...
+        hfptq.errors.ConfigError: calibration.percentile must be in (0, 100]; or null (got 150). ...
     """
     spec = SCHEMA[section]
     where = prefix or section
