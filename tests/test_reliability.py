@@ -210,19 +210,37 @@ def test_hand_edited_plan_is_refused_at_load_and_by_verify(int4_asym_rotated, tm
         reload(folder)
 
 
-def test_edited_embedding_scale_is_refused(load_tiny, tmp_path):
-    """Gemma's tied embedding: ``embed_scale`` lives only in the plan (as ``embed_channel_scale`` does)."""
-    load_tiny("gemma", HfPtqConfig()).save_pretrained(tmp_path / "g")
+@pytest.fixture(scope="module")
+def smoothed_tied_head(tmp_path_factory, load_tiny):
+    """Gemma's tied embedding after SmoothQuant smoothed the LM head: the embedding's ``embed_channel_scale``
+    (and Gemma's ``embed_scale``) live only in the plan."""
+    model = load_tiny("gemma")
+    cfg = HfPtqConfig(smoothquant={"groups": ["head"]}, calibration={"dataset": "hand-made"})
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    hfptq.quantize_model(model, cfg, calibration_data=ids, progress=False)
+    assert "embed_channel_scale" in model.hfptq_plan["model.embed_tokens"].extra
+    folder = tmp_path_factory.mktemp("smoothed") / "g"
+    model.save_pretrained(folder)
+    return folder
 
-    def edit(d):
-        emb = plan_entry(d, "model.embed_tokens")
-        emb["extra"]["embed_scale"] = 2 * emb["extra"]["embed_scale"]
 
-    edit_config(tmp_path / "g", edit)
+@pytest.mark.parametrize("edit", ["drop embed_channel_scale", "double embed_scale"])
+def test_edited_embedding_scales_are_refused(smoothed_tied_head, tmp_path, edit):
+    folder = tmp_path / "g"
+    shutil.copytree(smoothed_tied_head, folder)
+
+    def change(d):
+        extra = plan_entry(d, "model.embed_tokens")["extra"]
+        if edit == "drop embed_channel_scale":
+            extra.pop("embed_channel_scale")
+        else:
+            extra["embed_scale"] = 2 * extra["embed_scale"]
+
+    edit_config(folder, change)
     with pytest.raises(CheckpointError, match="hfptq_plan_sha256 differs"):
-        ckpt.verify_checkpoint(tmp_path / "g")
+        ckpt.verify_checkpoint(folder)
     with pytest.raises(CheckpointError, match="edited"):
-        reload(tmp_path / "g")
+        reload(folder)
 
 
 # ------------------------------------------------------------------------------------------------
