@@ -72,6 +72,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -822,9 +823,11 @@ class CalibrationRun:
             self.bar.update(1)
 
     def _announce(self, message: str) -> None:
+        """Log ``message``; with progress bars on and INFO logging off, also show it above the bars
+        (on stderr, with the bars: once, never on stdout)."""
         logger.info(message)
-        if self.progress:
-            tqdm.write(message)
+        if self.progress and not logger.isEnabledFor(logging.INFO):
+            tqdm.write(message, file=sys.stderr)
 
     # -------------------------------------------------------------------- passes (also used by the steps)
     def layer_pass(self, layer: LayerWork, *, write: bool, modules: Optional[Mapping[str, nn.Module]] = None,
