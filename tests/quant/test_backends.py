@@ -31,17 +31,22 @@ ACTS = {
 STATIC_QPARAMS = {"static-sym": (0.04, None), "static-asym": (0.05, 7)}
 
 
+_probes_touched = [False]
+
+
 @pytest.fixture(autouse=True)
 def _fresh_choice(monkeypatch):
-    """Every test starts and ends with a fresh choice (features, probes, warnings re-read)."""
+    """Every test starts and ends with a fresh choice (features, warnings re-read); the FBGEMM probes are
+    re-run after a test that changed what they see (they are the slow part)."""
     for var in ("HFPTQ_CPU_FEATURES", "HFPTQ_W8A8_BACKEND", "HFPTQ_FBGEMM"):
         monkeypatch.delenv(var, raising=False)
     backends.reset()
-    kernels.fbgemm_linear_available.cache_clear()
     yield
     monkeypatch.undo()
     backends.reset()
-    kernels.fbgemm_linear_available.cache_clear()
+    if _probes_touched[0]:
+        kernels.fbgemm_linear_available.cache_clear()
+        _probes_touched[0] = False
 
 
 def _emulate(monkeypatch, features: str) -> None:
@@ -67,6 +72,7 @@ def _saturating_fbgemm(monkeypatch) -> None:
         return (pairs.sum(-1) - zero_point * w.sum(-1)).to(torch.float32)
 
     monkeypatch.setattr(kernels, "_fbgemm_ops", lambda: (prepack, saturating))
+    _probes_touched[0] = True
     kernels.fbgemm_linear_available.cache_clear()
     backends.reset()
 
@@ -282,6 +288,7 @@ def test_forcing_an_inexact_fbgemm_is_refused(monkeypatch):
 def test_no_fast_route_warns_once_naming_the_feature_and_fallback(monkeypatch):
     _emulate(monkeypatch, "avx2")
     monkeypatch.setenv("HFPTQ_FBGEMM", "0")
+    _probes_touched[0] = True
     kernels.fbgemm_linear_available.cache_clear()
     qa, qb = _quant("dynamic-asym"), _quant("dynamic-sym", seed=1)
     x = _x(2, 96)
