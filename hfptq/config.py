@@ -15,6 +15,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .architectures import PRESETS
 from .errors import ConfigError, ConfigTypeError, suggest
 from .options import check_options
+from .utils import is_power_of_two
 
 QUANT_METHOD = "hfptq"
 #: Version of the on-disk format (config.json ``quantization_config`` + tensor layout).
@@ -178,9 +179,7 @@ def normalize_activation_args(values: Union[None, str, Mapping[str, Any]], secti
     out.update(values)
     rotation = out.get("rotation")
     if rotation is not None and rotation != 0:
-        from .quant.rotation import check_block
-
-        if not check_block(rotation):
+        if not is_power_of_two(rotation):
             raise ConfigError(
                 f"{section}.rotation={rotation!r} is not a power of two >= 2: it is the block size of the input's "
                 "Hadamard rotation, e.g. 128 (it must also divide the module's in_features)."

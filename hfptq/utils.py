@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["format_bytes"]
+__all__ = ["format_bytes", "is_power_of_two"]
+
+
+def is_power_of_two(value: object) -> bool:
+    """``True`` for an ``int`` power of two >= 2 (e.g. the sizes a Sylvester Hadamard matrix has).
+
+    Example:
+        >>> is_power_of_two(128), is_power_of_two(96), is_power_of_two(True)
+        (True, False, False)
+    """
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 2 and value & (value - 1) == 0
 
 
 def format_bytes(num_bytes: Optional[float], digits: int = 2) -> str:

@@ -35,7 +35,6 @@ LAYERS = (
 
 #: (importer, imported) pairs that still point upward, with the way out.
 KNOWN: Dict[Tuple[str, str], str] = {
-    ("hfptq.config", "hfptq.quant.rotation"): "rotation block-size check used by config validation: move check_block down",
     ("hfptq.api", "hfptq.checkpoint"): "mark_quantized (config.json load guard) lives in checkpoint: move it below api",
     ("hfptq.recipes", "hfptq.export"): "output.format checked against export.FORMATS: move the format names down",
     ("hfptq.algorithms.autoprecision", "hfptq.workflows.autoprecision"): "compatibility re-export of the moved workflow",

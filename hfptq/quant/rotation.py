@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..architectures import is_conv1d
+from ..utils import is_power_of_two
 
 __all__ = ["hadamard", "rotate", "check_block", "fold_input_rotations", "undo_input_rotations"]
 
@@ -41,7 +42,7 @@ DENSE_BLOCK = 128  # larger blocks are applied as a Kronecker product of two sma
 
 def check_block(block: int) -> bool:
     """``True`` when ``block`` is a power of two >= 2 (the sizes a Sylvester Hadamard matrix has)."""
-    return isinstance(block, int) and not isinstance(block, bool) and block >= 2 and block & (block - 1) == 0
+    return is_power_of_two(block)
 
 
 @functools.lru_cache(maxsize=32)
