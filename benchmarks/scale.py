@@ -10,7 +10,7 @@ What is measured
 * Each configuration is loaded in its own fresh subprocess with
   ``AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=...)``;
   a thread samples ``/proc/self/status`` (``VmRSS``, ``RssAnon``, ``RssFile``) every 20 ms and
-  ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` gives the kernel's own peak. Reported: peak RSS,
+  ``VmHWM`` (the kernel's own high-water mark of the process) is the reported peak. Reported: peak RSS,
   the quantized model's bytes (parameters + buffers), both as ratios to the float checkpoint's bytes,
   wall and process CPU time of the load, and a one-token forward as a smoke check.
 * ``--cap-gb``: the subprocess runs in a cgroup (v1 or v2) whose memory limit is this many GB when
@@ -24,7 +24,9 @@ Configurations (``--configs``)
 =================  ==========================================================================
 default            ``HfPtqConfig()``: attention kept 16-bit (FP16), FFN + LM head int8 W8A8
 int8               ``HfPtqConfig(scheme={"attention": "int8"})``: every linear int8
-w4                 ``HfPtqConfig(weights={"bits": 4}, activations="none")``: int4 group-128 weights
+w4                 ``HfPtqConfig(weights={"bits": 4}, activations="none")``: FFN + LM head int4
+                   group-128 weight-only, attention FP16
+w4-all             the same with ``scheme={"attention": "int4"}``: every linear int4
 =================  ==========================================================================
 
 ``<config>-float-first`` (e.g. ``default-float-first``) loads the float model first and quantizes
@@ -32,7 +34,7 @@ after loading, as hfptq did before quantize-while-loading (and still does for ca
 
 Run::
 
-    python benchmarks/scale.py                          # 3 B model, configs default,int8
+    python benchmarks/scale.py --configs default,int8,w4-all --cap-gb default=4.8,int8=4.1,w4-all=3.0
     python benchmarks/scale.py --layers 4 --configs default --json /tmp/x.json   # quick
 
 Writes ``benchmarks/results/scale-<n>B.json`` (with CPU facts) and prints a Markdown table.
@@ -50,7 +52,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
@@ -64,6 +66,7 @@ CONFIGS = {
     "default": "HfPtqConfig()",
     "int8": "HfPtqConfig(scheme={'attention': 'int8'})",
     "w4": "HfPtqConfig(weights={'bits': 4}, activations='none')",
+    "w4-all": "HfPtqConfig(weights={'bits': 4}, activations='none', scheme={'attention': 'int4'})",
 }
 #: ``<config>-float-first``: the same plan loaded in float and quantized after loading (what every
 #: plan did before quantize-while-loading; HFPTQ_QUANTIZE_WHILE_LOADING=0)
@@ -140,6 +143,7 @@ def build_checkpoint(folder: Path, config, *, seed: int = 0, progress: bool = Tr
     record = {"config": config.to_dict(), "seed": seed, "params": params, "dtype": "bfloat16",
               "float_bytes": params * 2, "shards": len(shards)}
     record["config"].pop("transformers_version", None)
+    record = json.loads(json.dumps(record))  # as stored (tuples become lists)
     stamp = folder / "build.json"
     if stamp.exists():
         try:
@@ -175,7 +179,7 @@ def build_checkpoint(folder: Path, config, *, seed: int = 0, progress: bool = Tr
 # ------------------------------------------------------------------------------------------------
 
 
-def _status_kb(fields=("VmRSS", "RssAnon", "RssFile")) -> Dict[str, int]:
+def _status_kb(fields=("VmRSS", "RssAnon", "RssFile", "VmHWM")) -> Dict[str, int]:
     out = {}
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:
@@ -235,6 +239,11 @@ def measure_child(path: str, config_name: str) -> Dict[str, Any]:
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     after_load = _status_kb()
     load_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from hfptq.quant.linear import FloatLinear
+
+    # smoke forward without FloatLinear's bfloat16 copy of the FP16 weights (+1.4 GB on the 3 B model:
+    # an inference-speed cache, not part of quantizing)
+    FloatLinear.cache_compute_weight = False
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3]])).logits
     return {
@@ -319,6 +328,13 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f}"
 
 
+def _peak(row: Mapping[str, Any]) -> int:
+    """Peak RSS of the load: the kernel's high-water mark (``VmHWM``, reset at exec, unlike
+    ``ru_maxrss`` which starts from the forking parent's size), else the sampled maximum."""
+    hwm = row["after_load_bytes"].get("VmHWM")
+    return hwm if hwm else max(row["ru_maxrss_bytes"], row["sampled_peak_bytes"].get("VmRSS", 0))
+
+
 def render(result: Dict[str, Any]) -> str:
     """Markdown table of one run (peak RSS and quantized size as ratios to the float checkpoint)."""
     float_bytes = result["float_bytes"]
@@ -333,7 +349,7 @@ def render(result: Dict[str, Any]) -> str:
         if "ru_maxrss_bytes" not in row:
             lines.append(f"| {row['config']} | failed (rc {row['returncode']}) | | | | | | | {row['cap']} |")
             continue
-        peak = max(row["ru_maxrss_bytes"], row["sampled_peak_bytes"].get("VmRSS", 0))
+        peak = _peak(row)
         lines.append(
             f"| {row['config']} | {'yes' if row['streamed'] else 'no'} | {_gb(peak)} | **{peak / float_bytes:.2f}x** | "
             f"{_gb(row['quantized_bytes'])} | {row['quantized_bytes'] / float_bytes:.2f}x | {row['load_wall_s']:.0f} | "
@@ -353,7 +369,7 @@ def _parse_caps(text: Optional[str]) -> Dict[str, float]:
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 28: 3.0 B params)")
-    parser.add_argument("--configs", default="default,int8", help=f"comma list of {sorted(CONFIGS)}")
+    parser.add_argument("--configs", default="default,int8,w4-all", help=f"comma list of {sorted(CONFIGS)}")
     parser.add_argument("--cache", default=None, help="where the checkpoint is built (never the repository)")
     parser.add_argument("--cap-gb", default=None,
                         help="memory cgroup limit of each load, if one can be made: GB, or per config 'default=4.8,w4=2'")

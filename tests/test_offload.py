@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -155,5 +156,86 @@ def test_quantized_checkpoint_reloads_with_disk_offload(untied_dir, tmp_path):
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                   "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     offloaded = _load(tmp_path / "q", device_map=device_map, offload_folder=str(tmp_path / "off"))
+    auto = _load(tmp_path / "q", device_map="auto", max_memory={"cpu": 30_000}, offload_folder=str(tmp_path / "off2"))
+    assert "disk" in set(auto.hf_device_map.values())
     with torch.no_grad():
-        assert torch.equal(model(_ids(model)).logits, offloaded(_ids(offloaded)).logits)
+        expected = model(_ids(model)).logits
+        assert torch.equal(expected, offloaded(_ids(offloaded)).logits)
+        assert torch.equal(expected, auto(_ids(auto)).logits)
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmarks/scale.py (run by hand; this keeps it from rotting)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_scale_benchmark_builds_a_sharded_bf16_checkpoint_and_measures_a_streamed_load(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "scale.py"
+    spec = importlib.util.spec_from_file_location("bench_scale", path)
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    config = scale.llama_config(layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=96)
+    record = scale.build_checkpoint(tmp_path / "ckpt", config, progress=False)
+    files = sorted((tmp_path / "ckpt").glob("*.safetensors"))
+    assert len(files) == record["shards"] == 4  # embeddings, 2 layers, norm + LM head
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == record["float_bytes"] == 2 * record["params"]
+    assert record["params"] == sum(p.numel() for p in _load(tmp_path / "ckpt").parameters())
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    assert scale.build_checkpoint(tmp_path / "ckpt", config, progress=False) == record
+    assert [f.stat().st_mtime_ns for f in files] == mtimes  # reused, not rebuilt
+    row = scale.measure_child(str(tmp_path / "ckpt"), "default")
+    assert row["streamed"] and row["finite_logits"] and row["ru_maxrss_bytes"] > 0
+    result = {"float_bytes": record["float_bytes"], "params": record["params"], "shards": 4, "date": "d",
+              "cpu_model": "c", "cpu_capability": "x", "rows": [dict(row, cap="none")]}
+    table = scale.render(result)
+    assert "| default | yes |" in table and "x |" in table
+
+
+_PEAK_CHILD = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+import hfptq
+kw = {} if sys.argv[2] == "float" else {"quantization_config": hfptq.HfPtqConfig(
+    weights={"bits": 4}, activations="none", scheme={"attention": "int4"})}
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, **kw)
+# VmHWM: this process's peak RSS (ru_maxrss would carry over the forking pytest process's size)
+peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"peak": peak,
+                  "bytes": hfptq.api.model_bytes(model), "streamed": bool(getattr(model, "hfptq_streamed", 0))}))
+"""
+
+
+def test_peak_memory_of_quantize_while_loading_is_below_quantizing_after_loading(tmp_path):
+    """A 270 MB bf16 checkpoint, int4 plan (73 MB). Quantizing after loading reads every page of the
+    mapped file (peak >= process + float + quantized); quantizing while loading must peak at least
+    half the float size lower. Fails if the op is bypassed or if the mapped pages stay resident."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=8, vocab_size=512, tie_word_embeddings=False)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(cfg).state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=gen).mul_(0.02).to(torch.bfloat16) for k, s in shapes.items()}
+    float_bytes = sum(t.numel() * 2 for t in state.values())
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    del state
+    cfg.save_pretrained(tmp_path)
+
+    def run(mode: str, switch: str = "1") -> dict:
+        env = dict(os.environ, **{ENV_SWITCH: switch, "OMP_NUM_THREADS": "1"})
+        out = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(tmp_path), mode], env=env,
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    streamed, float_first = run("int4"), run("int4", "0")
+    assert streamed["streamed"] and not float_first["streamed"]
+    assert streamed["bytes"] == float_first["bytes"] < 0.3 * float_bytes
+    print(f"peaks MB: float-first {float_first['peak'] / 1e6:.0f}, streamed {streamed['peak'] / 1e6:.0f}; "
+          f"float {float_bytes / 1e6:.0f}, int4 {streamed['bytes'] / 1e6:.0f}")
+    assert streamed["peak"] <= float_first["peak"] - 0.5 * float_bytes
