@@ -70,7 +70,6 @@ not the default ``"minmax"``, else ``calibration.observer``. Options (``percenti
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import sys
 import time
@@ -107,7 +106,7 @@ from .plan import ModuleSpec, Plan
 from .quant.kernels import cpu_has_fast_bf16
 from .quant.observers import Observer, make_observer
 from .quant.qparams import qrange
-from .utils import format_bytes
+from .utils import accepted_kwargs, format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -192,14 +191,6 @@ def _sanitize_call(rest: tuple, kwargs: dict) -> Tuple[tuple, dict]:
     if "use_cache" in kwargs:
         kwargs["use_cache"] = False
     return rest, kwargs
-
-
-def _forward_accepts(model: nn.Module, name: str) -> bool:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params
 
 
 def _input_device(model: nn.Module) -> torch.device:
@@ -757,7 +748,7 @@ class CalibrationRun:
 
     def _run_model(self, ids: torch.Tensor) -> None:
         kwargs: Dict[str, Any] = {"input_ids": ids}
-        if _forward_accepts(self.model, "use_cache"):
+        if "use_cache" in accepted_kwargs(self.model)[0]:
             kwargs["use_cache"] = False
         try:
             with self.compute():

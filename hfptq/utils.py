@@ -6,9 +6,26 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Optional
+import inspect
+from typing import Any, Optional, Set, Tuple
 
-__all__ = ["format_bytes", "is_power_of_two"]
+__all__ = ["accepted_kwargs", "format_bytes", "is_power_of_two"]
+
+
+def accepted_kwargs(model: Any) -> Tuple[Set[str], bool]:
+    """Names of the keyword arguments ``model.forward`` accepts, and whether it takes ``**kwargs``
+    (a forward whose signature cannot be read counts as taking ``**kwargs``).
+
+    Example:
+        >>> import torch
+        >>> accepted_kwargs(torch.nn.Linear(2, 2))
+        ({'input'}, False)
+    """
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # builtins / C extensions: assume the permissive case
+        return set(), True
+    return set(params), any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def is_power_of_two(value: object) -> bool:

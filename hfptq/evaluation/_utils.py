@@ -6,11 +6,12 @@ logits, or a bare tensor), so the same code evaluates float and quantized models
 """
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any, Iterable, Optional
 
 import torch
+
+from hfptq.utils import accepted_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +32,6 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _accepted_kwargs(model: torch.nn.Module) -> tuple[set[str], bool]:
-    """Names of the keyword arguments ``model.forward`` accepts, and whether it takes ``**kwargs``."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # builtins / C extensions: assume the permissive case
-        return set(), True
-    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return set(params), var_kw
-
-
 def forward_logits(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -54,7 +45,7 @@ def forward_logits(
     ``logits_to_keep`` is honoured the result covers only the last ``logits_to_keep`` positions;
     callers must check ``logits.shape[1]``.
     """
-    names, var_kw = _accepted_kwargs(model)
+    names, var_kw = accepted_kwargs(model)
     kwargs: dict[str, Any] = {}
     if attention_mask is not None and ("attention_mask" in names or var_kw):
         kwargs["attention_mask"] = attention_mask
