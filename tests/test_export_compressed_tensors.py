@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hfptq
 from hfptq.export import ExportError, check_compressed_tensors_exportable, export_compressed_tensors
@@ -331,9 +331,12 @@ def test_cli_export_converts_a_saved_hfptq_checkpoint(float_dir, tmp_path, capsy
 
     model = _quantize(float_dir, activations="none")
     model.save_pretrained(tmp_path / "hfptq")
+    AutoTokenizer.from_pretrained(float_dir).save_pretrained(tmp_path / "hfptq")
     assert main(["export", str(tmp_path / "hfptq"), str(tmp_path / "ct")]) == 0
     config = json.loads((tmp_path / "ct" / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
+    # hfptq's load guard (attn_implementation) belongs to hfptq checkpoints only
+    assert "hfptq" not in str(config.get("attn_implementation")) and (tmp_path / "ct" / "tokenizer.json").exists()
     assert main(["export", str(float_dir), str(tmp_path / "ct2")]) == 2
     assert "not an hfptq checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "ct2").exists()
