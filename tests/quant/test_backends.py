@@ -158,6 +158,8 @@ def test_int8_matmul_avoids_torch_int_mm_without_vnni(monkeypatch):
     def no_int_mm(*_):
         raise AssertionError("torch._int_mm called on a CPU without avx512_vnni")
 
+    if not kernels.int_mm_available("cpu"):  # (probed here, before torch._int_mm is replaced below)
+        pytest.skip("torch._int_mm does not run here")
     a = torch.randint(-128, 128, (5, 300), dtype=torch.int8)
     b = torch.randint(-128, 128, (7, 300), dtype=torch.int8)
     exact = (a.long() @ b.long().T).to(torch.int32)
@@ -165,12 +167,11 @@ def test_int8_matmul_avoids_torch_int_mm_without_vnni(monkeypatch):
     monkeypatch.setattr(torch, "_int_mm", no_int_mm)
     assert torch.equal(kernels.int8_matmul(a, b), exact)
     monkeypatch.undo()
-    if kernels.int_mm_available("cpu"):
-        _emulate(monkeypatch, "avx512-vnni")
-        calls = []
-        real = torch._int_mm
-        monkeypatch.setattr(torch, "_int_mm", lambda *args: calls.append(1) or real(*args))
-        assert torch.equal(kernels.int8_matmul(a, b), exact) and calls
+    _emulate(monkeypatch, "avx512-vnni")
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *args: calls.append(1) or real(*args))
+    assert torch.equal(kernels.int8_matmul(a, b), exact) and calls
 
 
 # ------------------------------------------------------------------------------------------------
