@@ -25,6 +25,10 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from .errors import ConfigError, ConfigTypeError, suggest
 
+#: Checkpoint formats ``save_pretrained(format=...)`` and a recipe's ``output.format`` accept: ``hfptq`` (the
+#: default) and ``compressed-tensors`` (an export that loads without hfptq, see :mod:`hfptq.export`).
+CHECKPOINT_FORMATS: Tuple[str, ...] = ("hfptq", "compressed-tensors")
+
 __all__ = ["Option", "SCHEMA", "SECTIONS", "check_options", "options_markdown", "defaults"]
 
 

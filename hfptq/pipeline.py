@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 import torch
 from torch import nn
@@ -395,7 +395,7 @@ def run_recipe(
     files: Dict[str, Path] = {}
     model_dir: Optional[Path] = None
     save_error: Optional[BaseException] = None
-    from .export import evaluate_export, export_options
+    from .export import export_options
 
     if do_save:
         model_dir = out / "model"
@@ -430,7 +430,7 @@ def run_recipe(
                 "ratio": (float_ckpt / quant_ckpt) if float_ckpt and quant_ckpt else None,
             }
     if do_save and model_dir is not None and export_options(recipe.output):
-        evaluate_export(recipe, model_dir, tokenizer, report, progress=progress)  # reloaded without hfptq
+        _evaluate_export(recipe, model_dir, tokenizer, report, progress=progress)  # reloaded without hfptq
     repo = push_to_hub or (recipe.output.get("push_to_hub") or {}).get("repo_id")
     if repo:
         options = dict(recipe.output.get("push_to_hub") or {})
@@ -475,3 +475,29 @@ def plan_for_recipe(recipe: Recipe, model: Optional[str] = None) -> str:
     if all(e.precision == "skip" for e in plan):
         out += "\nWarning: this plan skips every module: nothing would be quantized."
     return out
+
+
+def _evaluate_export(recipe: Any, folder: Union[str, os.PathLike], tokenizer: Any, report: Any, *,
+                    progress: bool = True) -> None:
+    """Perplexity of an exported checkpoint reloaded with stock Transformers (no hfptq module involved),
+    with the recipe's perplexity settings, recorded in ``report`` next to hfptq's own numbers."""
+    ev = recipe.evaluation.get("perplexity")
+    if ev is None or recipe.task != "causal-lm" or report.perplexity is None:
+        return
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .evaluation import perplexity
+
+    spec = {k: v for k, v in ev.items() if k in ("dataset", "config", "split", "data_files", "text_column")}
+    spec.setdefault("dataset", "wikitext")
+    ids = _corpus_ids(spec, tokenizer)
+    dtype = _DTYPES[recipe.model.get("dtype", "float32")]
+    with report.timer("perplexity (exported, reloaded)"):
+        model = AutoModelForCausalLM.from_pretrained(os.fspath(folder), dtype=dtype).eval()
+        with torch.no_grad():
+            result = perplexity(model, ids, seq_len=ev.get("seq_len", 512), stride=ev.get("stride"),
+                                batch_size=ev.get("batch_size", 1), bos_token_id=_bos(tokenizer),
+                                max_windows=ev.get("max_windows"), progress=progress)
+        del model
+    report.set_exported_perplexity(result, format=recipe.output.get("format"))

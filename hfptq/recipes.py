@@ -265,7 +265,7 @@ def load_recipe(path_or_text: Union[str, Path, Mapping[str, Any]], *, source: Op
             f"{_where(source, data['model'], 'dtype')}: model.dtype={model['dtype']!r}; choose one of {', '.join(_DTYPES)}."
         )
     output_format = (data.get("output") or {}).get("format", "hfptq")
-    from .export import FORMATS
+    from .options import CHECKPOINT_FORMATS as FORMATS
 
     if output_format not in FORMATS:
         raise RecipeError(

@@ -36,10 +36,7 @@ LAYERS = (
 #: (importer, imported) pairs that still point upward, with the way out.
 KNOWN: Dict[Tuple[str, str], str] = {
     ("hfptq.api", "hfptq.checkpoint"): "mark_quantized (config.json load guard) lives in checkpoint: move it below api",
-    ("hfptq.recipes", "hfptq.export"): "output.format checked against export.FORMATS: move the format names down",
     ("hfptq.algorithms.autoprecision", "hfptq.workflows.autoprecision"): "compatibility re-export of the moved workflow",
-    ("hfptq.export", "hfptq.evaluation.perplexity"): "evaluate_export is a workflow: move it to hfptq.workflows",
-    ("hfptq.export", "hfptq.pipeline"): "evaluate_export is a workflow: move it to hfptq.workflows",
 }
 
 

@@ -20,8 +20,8 @@ from .compressed_tensors import (
     export_compressed_tensors,
 )
 
-#: ``save_pretrained(format=...)`` / recipe ``output.format`` values: ``hfptq`` (the default) and the exports.
-FORMATS = ("hfptq", CT_FORMAT)
+#: ``save_pretrained(format=...)`` / recipe ``output.format`` values (defined with the option schema, below this package).
+from ..options import CHECKPOINT_FORMATS as FORMATS  # noqa: E402
 
 
 def export_model(model: nn.Module, save_directory: Union[str, os.PathLike], format: str, *,
@@ -62,33 +62,6 @@ def export_options(output: Dict[str, Any]) -> Dict[str, Any]:
     return {"format": fmt, "allow_deviation": bool(output.get("allow_deviation", False))}
 
 
-def evaluate_export(recipe: Any, folder: Union[str, os.PathLike], tokenizer: Any, report: Any, *,
-                    progress: bool = True) -> None:
-    """Perplexity of an exported checkpoint reloaded with stock Transformers (no hfptq module involved),
-    with the recipe's perplexity settings, recorded in ``report`` next to hfptq's own numbers."""
-    ev = recipe.evaluation.get("perplexity")
-    if ev is None or recipe.task != "causal-lm" or report.perplexity is None:
-        return
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ..evaluation import perplexity
-    from ..pipeline import _DTYPES, _bos, _corpus_ids
-
-    spec = {k: v for k, v in ev.items() if k in ("dataset", "config", "split", "data_files", "text_column")}
-    spec.setdefault("dataset", "wikitext")
-    ids = _corpus_ids(spec, tokenizer)
-    dtype = _DTYPES[recipe.model.get("dtype", "float32")]
-    with report.timer("perplexity (exported, reloaded)"):
-        model = AutoModelForCausalLM.from_pretrained(os.fspath(folder), dtype=dtype).eval()
-        with torch.no_grad():
-            result = perplexity(model, ids, seq_len=ev.get("seq_len", 512), stride=ev.get("stride"),
-                                batch_size=ev.get("batch_size", 1), bos_token_id=_bos(tokenizer),
-                                max_windows=ev.get("max_windows"), progress=progress)
-        del model
-    report.set_exported_perplexity(result, format=recipe.output.get("format"))
-
-
 def export_checkpoint(checkpoint: Union[str, os.PathLike], output: Union[str, os.PathLike], *,
                       format: str = CT_FORMAT, allow_deviation: bool = False) -> ExportResult:
     """Reload a saved hfptq checkpoint and export it (``hfptq export``); tokenizer files are copied along.
@@ -124,7 +97,6 @@ def export_checkpoint(checkpoint: Union[str, os.PathLike], output: Union[str, os
 __all__ = [
     "FORMATS",
     "export_options",
-    "evaluate_export",
     "export_checkpoint",
     "export_model",
     "CT_FORMAT",
