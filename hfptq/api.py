@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -127,7 +127,7 @@ def _calibrate_and_convert(model: nn.Module, plan: Plan, config: HfPtqConfig, to
     return result
 
 
-def release_checkpoint_mapping(model: nn.Module) -> int:
+def release_checkpoint_mapping(model: nn.Module, release: Optional[Callable[[torch.Tensor], None]] = None) -> int:
     """Copy the float tensors that still point into the memory-mapped float checkpoint; return their count.
 
     Transformers maps ``model.safetensors`` into memory and, where dtypes match, leaves parameters
@@ -136,7 +136,9 @@ def release_checkpoint_mapping(model: nn.Module) -> int:
     270M kept its 1 GB FP32 file resident after quantizing to 285 MiB, through its norm weights
     (a few KB). Those tensors are recognised by storage PyTorch did not allocate (not resizable) and
     copied into ordinary memory, so the mapping is released once the loader lets go of it. Tied
-    parameters stay tied (``.data`` is replaced on the shared parameter).
+    parameters stay tied (``.data`` is replaced on the shared parameter). ``release``, when given, is
+    called on each mapped tensor right after its copy (quantize-while-loading hands its pages back
+    there, so the file pages and the copies are never both resident).
     """
     copies: Dict[int, torch.Tensor] = {}  # buffers shared by several modules get one copy
     count = 0
@@ -146,12 +148,17 @@ def release_checkpoint_mapping(model: nn.Module) -> int:
                 if tensor is None or tensor.device.type != "cpu" or tensor.untyped_storage().resizable():
                     continue
                 if isinstance(tensor, nn.Parameter):
-                    tensor.data = tensor.detach().clone()  # in place: a tied parameter's next visit sees the copy
+                    old = tensor.data
+                    tensor.data = old.clone()  # in place: a tied parameter's next visit sees the copy
                     count += 1
+                    if release is not None:
+                        release(old)
                     continue
                 if id(tensor) not in copies:
                     copies[id(tensor)] = tensor.detach().clone()
                     count += 1
+                    if release is not None:
+                        release(tensor)
                 table[name] = copies[id(tensor)]
     if count:
         logger.debug("hfptq: copied %d tensors out of the memory-mapped checkpoint", count)

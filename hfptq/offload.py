@@ -299,28 +299,6 @@ class QuantizeOnLoad(_ConversionOps):
         raise NotImplementedError("hfptq saves quantized tensors under their own names")
 
 
-def _copy_out_of_mapping(model: nn.Module) -> int:
-    """Copy the tensors still viewing the mapped checkpoint (norms, embeddings, skipped modules) into
-    ordinary memory, releasing each one's mapped pages right after its copy (so the file pages and
-    the copies are never both resident); see :func:`hfptq.api.release_checkpoint_mapping`."""
-    copies: Dict[int, torch.Tensor] = {}
-    for module in model.modules():
-        for table in (module._parameters, module._buffers):
-            for name, tensor in table.items():
-                if tensor is None or tensor.device.type != "cpu" or tensor.untyped_storage().resizable():
-                    continue
-                if isinstance(tensor, nn.Parameter):
-                    old = tensor.data
-                    tensor.data = old.clone()  # in place: a tied parameter's next visit sees the copy
-                    _release_pages(old)
-                    continue
-                if id(tensor) not in copies:
-                    copies[id(tensor)] = tensor.detach().clone()
-                    _release_pages(tensor)
-                table[name] = copies[id(tensor)]
-    return len(copies)
-
-
 def finish_streaming(model: nn.Module, state: StreamState) -> nn.Module:
     """After the weights load: drop the placeholders, check nothing stayed on meta, mark the model quantized."""
     from .api import _entry_bytes, attach_plan, model_bytes, release_checkpoint_mapping
@@ -346,8 +324,7 @@ def finish_streaming(model: nn.Module, state: StreamState) -> nn.Module:
             f"({', '.join(unloaded[:3])}): the checkpoint lacks their '.weight' tensors; check that it matches the model "
             "config (or set HFPTQ_QUANTIZE_WHILE_LOADING=0 to load in float first and see Transformers' report).",
             key="checkpoint")
-    _copy_out_of_mapping(model)
-    release_checkpoint_mapping(model)  # (nothing left to copy: kept as the reference behaviour)
+    release_checkpoint_mapping(model, release=_release_pages)  # each mapped tensor's pages handed back after its copy
     config = state.config
     config.plan = state.plan.to_dict()
     attach_plan(model, state.plan)
