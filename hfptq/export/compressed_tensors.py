@@ -378,7 +378,6 @@ def export_compressed_tensors(
 
     # tensors: the model's state dict with each quantized module's hfptq buffers replaced
     state = model.state_dict()
-    by_name = {m.name: m for m in modules}
     untied: List[str] = []
     untie_bytes = 0
     replaced: Dict[str, torch.Tensor] = {}
@@ -407,7 +406,6 @@ def export_compressed_tensors(
             continue
         tensors[key] = tensor.detach().cpu().contiguous()
     tensors.update(replaced)
-    del by_name
 
     target = Path(os.fspath(save_directory)).absolute()
     if target.is_file():
