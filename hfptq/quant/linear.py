@@ -449,13 +449,21 @@ class QuantLinear(_DerivedCaches, nn.Module):
             y.addr_(row_zero_points.reshape(-1), rowsum, alpha=-1)
         return self._rescale_fbgemm(y, xs, x, shape)
 
+    def _fbgemm_column_packs(self, slot: str, width: int) -> list:
+        """FBGEMM packs of ``qweight``'s chunks of ``width`` input columns, kept in ``slot`` per width while
+        ``qweight`` is unchanged (the width depends on the route's activation bits, which may change)."""
+        by_width = cached_derived(self, slot, self.qweight, lambda w: {})
+        if width not in by_width:
+            w = self.qweight
+            by_width[width] = [fbgemm_pack(w[:, i:i + width]) for i in range(0, w.shape[1], width)]
+        return by_width[width]
+
     def _fbgemm_chunked(self, xs_shift: torch.Tensor, z: int, width: int, row_zero_points: torch.Tensor) -> torch.Tensor:
         """``float32(sum_k x_q W - z * rowsum(W))`` for several rows and inputs wider than ``width``: each
         chunk's FBGEMM sum is an exact float32 integer (``<= 2**24``), float64 adds them and the zero-point
         term exactly, and the one conversion to float32 rounds the exact integer as the reference does."""
         k = xs_shift.shape[-1]
-        packs = cached_derived(self, "_hfptq_fbgemm_chunks", self.qweight,
-                               lambda w: [fbgemm_pack(w[:, i:i + width]) for i in range(0, k, width)])
+        packs = self._fbgemm_column_packs("_hfptq_fbgemm_chunks", width)
         y = None
         for i, packed in zip(range(0, k, width), packs):
             part = fbgemm_int8_linear(xs_shift[:, i:i + width].contiguous(), z, packed).to(torch.float64)
@@ -477,8 +485,7 @@ class QuantLinear(_DerivedCaches, nn.Module):
         """
         k = xs_shift.shape[-1]
         width = FBGEMM_ROW_ZERO_POINT_MAX_K
-        packs = cached_derived(self, "_hfptq_fbgemm_split", self.qweight,
-                               lambda w: [fbgemm_pack(w[:, i:i + width]) for i in range(0, k, width)])
+        packs = self._fbgemm_column_packs("_hfptq_fbgemm_split", width)
         u = xs_shift + z
         h = u.mul(0.5).floor_()
         low = u.sub_(h).sub_(h)

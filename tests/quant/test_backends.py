@@ -209,6 +209,21 @@ def test_every_route_equals_its_reference(route, acts, rows, k):
         assert not fbgemm_ran
 
 
+def test_switching_routes_rebuilds_chunk_packs_for_the_new_width():
+    """The per-row zero-point chunks are 1,024 inputs wide for 8-bit activations and 2,048 for 7: a module
+    that ran one route and then another must not reuse the first route's packs."""
+    if not (_runnable("fbgemm") and _runnable("fbgemm-a7")):
+        pytest.skip("fbgemm and fbgemm-a7 do not both run on this machine")
+    q = _quant("dynamic-asym", k=2100)
+    x = _x(70, 2100)
+    for route in ("fbgemm", "fbgemm-a7", "fbgemm"):
+        with torch.no_grad(), force_backend(route):
+            fast = q(x)
+        with torch.no_grad(), reference_math():
+            want = _reference_for(q, route)(x)
+        assert torch.equal(fast, want), route
+
+
 @pytest.mark.parametrize("route", ["fbgemm-a7", "fbgemm-split"])
 @pytest.mark.parametrize("acts", ["dynamic-asym", "dynamic-sym"])
 @pytest.mark.parametrize("rows", [1, 40])
