@@ -148,15 +148,21 @@ def early_checks(config: Any) -> None:
     if not folder or not os.path.isdir(str(folder)):
         return
     for index in Path(str(folder)).glob("*.safetensors.index.json"):
-        try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-            if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
-                raise ValueError("no 'weight_map' mapping")
-        except (ValueError, OSError, UnicodeDecodeError) as exc:
-            raise CheckpointError(
-                f"{index} is damaged ({exc}): it cannot say which shard holds which tensor. Re-save the model, or "
-                "re-download this file."
-            ) from exc
+        _read_weight_map(index)
+
+
+def _read_weight_map(index: Path) -> Dict[str, str]:
+    """The ``weight_map`` of a shard index; a damaged index is named (not a bare JSONDecodeError/KeyError)."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
+            raise ValueError("no 'weight_map' mapping")
+    except (ValueError, OSError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(
+            f"{index} is damaged ({exc}): it cannot say which shard holds which tensor. Re-save the model, or "
+            "re-download this file."
+        ) from exc
+    return data["weight_map"]
 
 
 #: A zero-size tensor whose *name* is the instruction: it shows up in the load report Transformers prints
@@ -905,10 +911,7 @@ def checkpoint_files(folder: Union[str, os.PathLike], variant: Optional[str] = N
     stem = "model" + (f".{variant}" if variant else "")
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"{index} is corrupted ({exc}); save the model again.") from exc
+        weight_map = _read_weight_map(index)
         return [str(folder / name) for name in sorted(set(weight_map.values()))]
     single = folder / f"{stem}.safetensors"
     if single.is_file():
