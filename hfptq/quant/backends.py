@@ -118,7 +118,7 @@ class CpuFeatures:
     @property
     def native_bf16(self) -> bool:
         """Native bfloat16 dot products (AVX512-BF16 or AMX-BF16)."""
-        return bool({"avx512_bf16", "amx_bf16"} & self.flags)
+        return "avx512_bf16" in self.flags or "amx_bf16" in self.flags  # per forward call: no set built
 
     def describe(self) -> str:
         """One line: capability and the features that matter here."""
