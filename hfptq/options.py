@@ -111,13 +111,8 @@ class Option:
             self._choice(field, value)
             self._range(field, value)
             return
-        if kind == "float":
-            if not _is_number(value):
-                raise self._type(field, value)
-            self._range(field, value)
-            return
-        if kind == "float|str":
-            if isinstance(value, str):
+        if kind in ("float", "float|str"):
+            if kind == "float|str" and isinstance(value, str):
                 self._choice(field, value)
                 return
             if not _is_number(value):
