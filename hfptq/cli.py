@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from .options import CHECKPOINT_FORMATS
+
 EPILOG = """examples:
   hfptq run recipes/default.yaml                      # quantize Gemma 3 270M, evaluate, report, save
   hfptq run recipes/default.yaml --data-dir ../shared/data --quick
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument("--no-save", action="store_true", help="do not write the quantized checkpoint")
     run.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the quantized checkpoint to this Hub repo")
-    run.add_argument("--format", choices=["hfptq", "compressed-tensors"],
+    run.add_argument("--format", choices=list(CHECKPOINT_FORMATS),
                      help="checkpoint format (default: the recipe's output.format, else hfptq); compressed-tensors "
                           "loads without hfptq (stock Transformers, vLLM, SGLang)")
     run.add_argument("--allow-deviation", action="store_true",
@@ -57,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="convert a saved hfptq checkpoint to another format (compressed-tensors)")
     export.add_argument("checkpoint", help="folder written by save_pretrained / hfptq run")
     export.add_argument("output", help="folder for the exported checkpoint")
-    export.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"])
+    export.add_argument("--format", default="compressed-tensors",
+                        choices=[f for f in CHECKPOINT_FORMATS if f != "hfptq"])
     export.add_argument("--allow-deviation", action="store_true",
                         help="export modules the format cannot express exactly, printing the measured deviation")
     ev = sub.add_parser("eval", help="evaluate a saved quantized checkpoint against its float model")
