@@ -86,11 +86,7 @@ def load_models(recipe: Recipe, model_path: str, config: HfPtqConfig, *, progres
         started = time.perf_counter()
         float_model = auto.from_pretrained(model_path, **kwargs).eval()
     except OSError as exc:  # includes huggingface_hub's "not a valid repo id" / offline misses
-        raise ConfigError(
-            f"model.name_or_path={model_path!r} cannot be loaded ({exc}). Give a built-in alias "
-            f"({', '.join(_known_models())}), a local folder written by save_pretrained, or a Hub id reachable from "
-            "here."
-        ) from exc
+        raise _unloadable("model.name_or_path", model_path, exc) from exc
     float_load = time.perf_counter() - started
     calib = config.calibration
     if calib is not None and calib.get("tokenizer") is None:
@@ -111,6 +107,13 @@ def _known_models() -> List[str]:
     from .models import KNOWN_MODELS
 
     return sorted(KNOWN_MODELS)
+
+
+def _unloadable(field: str, path: str, exc: BaseException) -> ConfigError:
+    return ConfigError(
+        f"{field}={path!r} cannot be loaded ({exc}). Give a built-in alias ({', '.join(_known_models())}), a local "
+        "folder written by save_pretrained, or a Hub id reachable from here."
+    )
 
 
 def _looks_like_path(name: str) -> bool:
@@ -458,10 +461,7 @@ def plan_for_recipe(recipe: Recipe, model: Optional[str] = None) -> str:
     try:
         cfg = AutoConfig.from_pretrained(path)
     except OSError as exc:
-        raise ConfigError(
-            f"{'--model' if model else 'model.name_or_path'}={path!r} cannot be loaded ({exc}). Give a built-in alias "
-            f"({', '.join(_known_models())}), a local folder written by save_pretrained, or a Hub id reachable from here."
-        ) from exc
+        raise _unloadable("--model" if model else "model.name_or_path", path, exc) from exc
     from .checkpoint import clear_load_guard
 
     clear_load_guard(cfg)  # an hfptq checkpoint's config: the skeleton is built here, not by from_pretrained
