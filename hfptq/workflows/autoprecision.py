@@ -245,10 +245,6 @@ def _int8_mac_share(plan: Any) -> float:
     return fast / total if total else 0.0
 
 
-def _model_bytes(model: nn.Module) -> int:
-    return model_bytes(model)
-
-
 class _PrefixCache:
     """Outputs of every decoder layer on the sensitivity windows, to skip the unchanged prefix."""
 
@@ -559,7 +555,7 @@ def search(
 
     # 0. models and baselines ------------------------------------------------------------
     float_model = _load(model_path_or_factory)
-    float_bytes = _model_bytes(float_model)
+    float_bytes = model_bytes(float_model)
     base_plan = resolve_plan(float_model, base_config)
     evals = {"baselines": 0, "search": 0, "heldout": 0, "sensitivity_passes": 0, "calibrations": 0}
     if baselines is not None and {"eval", "heldout"} <= set(baselines):
@@ -652,7 +648,7 @@ def search(
                       input_qparams=getattr(calib, "input_qparams", None), weights=weights, progress=False)
         value = evaluate(model_k, eval_windows)
         evals["search"] += 1
-        sizes[k] = _model_bytes(model_k)
+        sizes[k] = model_bytes(model_k)
         inc = increase_of(ref_eval, value)
         trials[k] = {"k": k, "value": value, "increase": inc, "label": label_of(inc)}
         logger.info("auto precision: k=%d modules kept -> %s on the search windows", k, label_of(inc))
@@ -694,7 +690,7 @@ def search(
         logger.info("auto precision: round %d: k=%d verified on held-out windows: %s (budget %s)", round_index, k,
                     label_of(inc), label_of(limit))
         final = {"k": k, "config": cfg, "rules": rules, "dropped_rules": dropped, "value": value, "increase": inc,
-                 "bytes": _model_bytes(model_final), "plan": model_final.hfptq_plan,
+                 "bytes": model_bytes(model_final), "plan": model_final.hfptq_plan,
                  "algorithms": (getattr(model_final, "hfptq_calibration", None) or {}).get("algorithms")}
         if opts["measure_speed"]:
             final["latency"] = _prefill_seconds(model_final)
