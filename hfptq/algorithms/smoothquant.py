@@ -289,13 +289,6 @@ def _scale_consumers(consumers: Sequence[nn.Module], s: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _get(layer: nn.Module, path: str) -> Optional[nn.Module]:
-    try:
-        return layer.get_submodule(path)
-    except AttributeError:
-        return None
-
-
 def _is_w8a8(entry: Any) -> bool:
     return entry is not None and entry.quantized and (entry.activations or {}).get("mode", "none") != "none"
 
@@ -446,8 +439,8 @@ def _smooth_group(layer, layer_name, plan, absmax, opts, group: SmoothGroup, inp
     full = lambda path: f"{layer_name}.{path}" if layer_name else path  # noqa: E731
     record: Dict[str, Any] = {"group": group.name, "prev": full(group.prev),
                               "consumers": [full(c) for c in group.consumers]}
-    prev = _get(layer, group.prev)
-    consumers = [_get(layer, c) for c in group.consumers]
+    prev = find_module(layer, group.prev)
+    consumers = [find_module(layer, c) for c in group.consumers]
     if prev is None or any(c is None for c in consumers):
         missing = [p for p, m in zip((group.prev, *group.consumers), (prev, *consumers)) if m is None]
         return _skip(record, f"module(s) {missing} not found in the layer")
