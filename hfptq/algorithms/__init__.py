@@ -20,11 +20,10 @@ Example:
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Dict, List, Mapping, Optional
 
 from ..errors import ConfigError, ConfigTypeError, suggest
-from ..options import defaults
+from ..options import _is_number, defaults
 
 __all__ = ["ALGORITHM_NAMES", "OPTION_DEFAULTS", "summarize_algorithms", "validate_options"]
 
@@ -34,10 +33,6 @@ OPTION_DEFAULTS: Dict[str, Dict[str, Any]] = {name: defaults(name) for name in (
 ALGORITHM_NAMES = tuple(OPTION_DEFAULTS)
 
 _BUDGET_KEYS = ("max_ppl_increase_pct", "max_nll_increase", "max_metric_drop")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _type_error(name: str, key: str, expected: str, value: Any) -> ConfigTypeError:
