@@ -273,7 +273,6 @@ class QuantizeOnLoad(_ConversionOps):
     def convert(self, input_dict: Dict[str, Any], source_patterns: Any = None, target_patterns: Any = None,
                 **kwargs: Any) -> Dict[str, torch.Tensor]:
         from .convert import _FLOAT_DTYPES
-        from .quant.linear import QuantLinear
 
         out: Dict[str, torch.Tensor] = {}
         for key, value in input_dict.items():
