@@ -257,12 +257,12 @@ class _PrefixCache:
         self.outputs: List[Dict[int, Any]] = []
         if self.layers is None:
             return
-        for start in range(0, windows.shape[0], batch_size):
+        for _, ids in self._batches():
             recorded: Dict[int, Any] = {}
             handles = [layer.register_forward_hook(self._record(i, recorded)) for i, layer in enumerate(self.layers)]
             try:
                 with torch.no_grad():
-                    _logits(model, windows[start:start + batch_size].to(model_device(model)), 1)
+                    _logits(model, ids.to(model_device(model)), 1)
             finally:
                 for h in handles:
                     h.remove()
