@@ -77,7 +77,7 @@ def _data_dir(data_dir: Optional[Union[str, os.PathLike]]) -> Path:
     if data_dir is None:
         from ..data import shared_data_dir
 
-        data_dir = os.environ.get("HFPTQ_DATA_DIR") or shared_data_dir()
+        data_dir = shared_data_dir()  # $HFPTQ_DATA_DIR first
     if data_dir is None or not Path(data_dir).is_dir():
         raise DataError(f"data_dir={data_dir!r}: no local data folder. Pass data_dir (or set HFPTQ_DATA_DIR) to a folder "
                         "with piqa/valid.jsonl + piqa/valid-labels.lst and lambada_openai/lambada_test.jsonl.")
