@@ -116,13 +116,13 @@ class HessianAccumulator:
         with torch.autocast(device_type=left.device.type, enabled=False):
             product = left.t() @ right
         previous = self.sums.get(name)
-        if previous is not None and previous.shape != product.shape:
+        if previous is None:
+            self.sums[name] = product
+        elif previous.shape != product.shape:
             raise CalibrationError(f"{name!r}: inputs of width {left.shape[-1]} after inputs of width "
                                    f"{previous.shape[0]}; one accumulator per module input.")
-        if name in self.sums:
-            self.sums[name] += product
         else:
-            self.sums[name] = product
+            previous += product
         self.counts[name] = self.counts.get(name, 0) + left.shape[0]
 
     def hessian(self, name: str) -> torch.Tensor:
