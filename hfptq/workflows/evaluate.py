@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional, Tuple, Union
 
 from ..errors import CheckpointError
+from ..offline.datasets import DATA_DIR_ENV
 from ..offline.models import resolve_model
 from ..pipeline import _DTYPES, _auto_class, apply_quick, evaluate_pair
 from ..recipes import find_recipe, load_recipe
@@ -70,7 +71,7 @@ def evaluate_checkpoint(
     checkpoint = Path(checkpoint)
     _check_checkpoint(checkpoint)
     if data_dir:
-        os.environ["HFPTQ_DATA_DIR"] = data_dir
+        os.environ[DATA_DIR_ENV] = data_dir
     saved = checkpoint / "hfptq_recipe.yaml"
     loaded = load_recipe(find_recipe(recipe) if recipe else (saved if saved.exists() else find_recipe("default")))
     if quick:
