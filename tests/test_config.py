@@ -287,9 +287,9 @@ def test_option_schema_defaults_match_the_code_that_uses_them():
     from hfptq.data import DEFAULT_SPEC
     from hfptq.options import SCHEMA, defaults
 
-    for name, code_defaults in OPTION_DEFAULTS.items():
-        assert set(SCHEMA[name]) == set(code_defaults), name
-        assert defaults(name) == code_defaults, name
+    # OPTION_DEFAULTS is built from the schema (defaults()), so comparing their values cannot fail; what can
+    # drift is which algorithm sections the code knows
+    assert set(OPTION_DEFAULTS) <= set(SCHEMA)
     calib = defaults("calibration")
     for key, value in DEFAULT_SPEC.items():
         assert calib[key] == value, key
