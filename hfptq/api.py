@@ -44,7 +44,16 @@ def _load_tokenizer(model: nn.Module, config: HfPtqConfig, tokenizer: Any) -> An
         )
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        field = "calibration.tokenizer" if calib.get("tokenizer") else "the model's name_or_path"
+        raise ConfigError(
+            f"calibration needs a tokenizer, and {field} ({source!r}) does not load one "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Set calibration.tokenizer to a "
+            "folder with tokenizer files or a Hub id (online), or pass tokenizer= to quantize_model.",
+            key="calibration.tokenizer",
+        ) from exc
 
 
 def quantize_model(

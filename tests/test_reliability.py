@@ -559,3 +559,21 @@ def test_in_memory_calibration_dataset_is_named_in_card_and_refused_by_the_recip
     assert "Not reproducible from its recipe" in card and ds._fingerprint in card
     with pytest.raises(RecipeError, match="in-memory"):
         hfptq.recipes.load_recipe(tmp_path / "m" / ckpt.RECIPE_FILENAME)
+
+
+# ------------------------------------------------------------------------------------------------
+# a calibration tokenizer that does not load, from Python (the CLI checks paths before any work)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bad_calibration_tokenizer_from_python_names_the_field(load_tiny, tmp_path):
+    model = load_tiny("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    missing = tmp_path / "no-tokenizer-here"
+    cfg = HfPtqConfig(activations="static",
+                      calibration={"dataset": "wikitext", "tokenizer": str(missing), "num_samples": 2, "seq_len": 8})
+    with pytest.raises(ConfigError, match=r"calibration\.tokenizer .*no-tokenizer-here.*does not load") as info:
+        hfptq.quantize_model(model, cfg, progress=False)
+    assert info.value.key == "calibration.tokenizer"
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # untouched
