@@ -202,7 +202,7 @@ def prepare_reload(model: nn.Module, config: HfPtqConfig, dtype: Optional[torch.
             rename = _checkpoint_key_renamer(model)
             info = check_checkpoint_files(files, expected, rename=rename, allowed=_allowed_keys(model, plan),
                                           plan_digest=plan_hash(config.plan))
-            _adopt_saved_float_dtypes(model, info, expected, rename)
+            _adopt_saved_float_dtypes(model, info, expected)
     tombstones = _tombstone_keys(plan)
     if tombstones:
         # the tombstones are for float loaders only: not "unexpected" for us
@@ -221,15 +221,14 @@ _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def _adopt_saved_float_dtypes(model: nn.Module, info: "CheckpointInfo",
-                              expected: Mapping[str, Tuple[str, torch.dtype, Tuple[int, ...]]],
-                              rename: Optional[Callable[[str], str]]) -> None:
+                              expected: Mapping[str, Tuple[str, torch.dtype, Tuple[int, ...]]]) -> None:
     """Give the skeleton's float tensors (scales, biases, FP16 weights) the dtype they were saved in.
 
     A model moved with ``model.to(torch.bfloat16)`` after quantizing saves bf16 scales; loading them
     into float32 buffers would change the arithmetic of every forward (logits differ by ~1e-2), so
     the reloaded model holds exactly what was saved and computes exactly what the saved model did.
     """
-    tensors = info.tensors if rename is None else {rename(k): v for k, v in info.tensors.items()}
+    tensors = info.model_tensors if info.model_tensors is not None else info.tensors
     for key, (module_name, dtype, _shape) in expected.items():
         found = tensors.get(key)
         if found is None or not dtype.is_floating_point:
@@ -339,6 +338,9 @@ class CheckpointInfo:
     files: List[str]
     tensors: Dict[str, Tuple[str, str, Tuple[int, ...]]] = field(default_factory=dict)
     metadata: Dict[str, Dict[str, str]] = field(default_factory=dict)
+    #: ``tensors`` under the model keys they load into (Transformers' renamings applied), set by
+    #: :func:`check_checkpoint_files`
+    model_tensors: Optional[Dict[str, Tuple[str, str, Tuple[int, ...]]]] = None
 
     @property
     def save_ids(self) -> Dict[str, Optional[str]]:
@@ -426,10 +428,11 @@ def check_checkpoint_files(files: Sequence[str],
     """
     info = read_checkpoint_headers(files)
     _check_metadata(info)
-    tensors = info.tensors if rename is None else {rename(k): v for k, v in info.tensors.items()}
+    renamed = {k: k if rename is None else rename(k) for k in info.tensors}
+    tensors = info.model_tensors = {renamed[k]: v for k, v in info.tensors.items()}
     problems: List[str] = []
     if allowed is not None:
-        extra = sorted(k for k in info.tensors if k not in allowed and (rename is None or rename(k) not in allowed))
+        extra = sorted(k for k in info.tensors if k not in allowed and renamed[k] not in allowed)
         if extra:
             problems.append(
                 f"the files hold {len(extra)} tensor(s) the plan does not account for: {extra[:5]} (a plan entry was "
