@@ -99,17 +99,6 @@ def stored_plan(config: HfPtqConfig) -> Plan:
             "This checkpoint's quantization_config has no hfptq plan, so the quantized modules cannot be rebuilt. "
             "It was not written by hfptq's save_pretrained; re-quantize the float model."
         )
-    from .config import PRECISIONS
-
-    entries = config.plan.get("modules") if isinstance(config.plan, Mapping) else None
-    for entry in entries if isinstance(entries, list) else []:
-        precision = entry.get("precision") if isinstance(entry, Mapping) else None
-        if precision not in PRECISIONS:
-            raise CheckpointError(
-                f"config.json: quantization_config.plan entry {entry.get('name') if isinstance(entry, Mapping) else entry!r} "
-                f"has precision {precision!r}, which is not one of {', '.join(PRECISIONS)}. The plan was edited by "
-                "hand or is damaged: restore the config.json saved with these weights, or re-quantize."
-            )
     try:
         return Plan.from_dict(config.plan)
     except HfPtqError:

@@ -17,12 +17,13 @@ from torch import nn
 
 from .config import (
     INT_PRECISIONS,
+    PRECISIONS,
     HfPtqConfig,
     normalize_activation_args,
     normalize_weight_args,
 )
 from .architectures import PRESETS, STRUCTURAL as _STRUCTURAL, is_conv1d as _is_conv1d, is_quantizable_linear, linear_shape
-from .errors import PlanError
+from .errors import CheckpointError, PlanError
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +130,27 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
+        """The plan stored in a checkpoint's ``quantization_config.plan`` (:meth:`to_dict`'s output).
+
+        Raises:
+            CheckpointError: the stored plan is malformed or an entry has a precision hfptq does not know
+                (config.json edited by hand or damaged).
+        """
+        entries = data.get("modules") if isinstance(data, Mapping) else None
+        for entry in entries if isinstance(entries, list) else []:
+            if not isinstance(entry, Mapping) or "precision" not in entry:
+                continue  # malformed: reported below
+            precision = entry["precision"]
+            if precision not in PRECISIONS:
+                name = entry.get("name")
+                raise CheckpointError(
+                    f"config.json: quantization_config.plan entry {name!r} has precision {precision!r}, which is not "
+                    f"one of {', '.join(PRECISIONS)}. The plan was edited by hand or is damaged: restore the "
+                    "config.json saved with these weights, or re-quantize."
+                )
         try:
             entries = [ModuleSpec(**dict(m)) for m in data["modules"]]
         except (KeyError, TypeError) as exc:
-            from .errors import CheckpointError
-
             raise CheckpointError(
                 f"The stored hfptq plan is malformed ({exc}); the checkpoint's config.json was edited or corrupted. "
                 "Re-quantize the float model, or restore config.json."
