@@ -201,11 +201,12 @@ def check_compressed_tensors_exportable(model: nn.Module, *, allow_deviation: bo
         >>> print("\\n".join(problems) or "exportable")                          # doctest: +SKIP
     """
     _require_hfptq_model(model)
-    modules, _, _ = _analyse(model)
-    problems = [m.refused for m in modules if m.refused]
-    if not allow_deviation:
-        problems += [m.inexact for m in modules if m.inexact]
-    return problems
+    return _problems(_analyse(model)[0], allow_deviation)
+
+
+def _problems(modules: List[_ModulePlan], allow_deviation: bool) -> List[str]:
+    """The refusals, then (unless ``allow_deviation``) the inexact modules."""
+    return [m.refused for m in modules if m.refused] + ([] if allow_deviation else [m.inexact for m in modules if m.inexact])
 
 
 def _require_hfptq_model(model: nn.Module) -> None:
@@ -359,11 +360,10 @@ def export_compressed_tensors(
 
     _require_hfptq_model(model)
     modules, ignore, float_embeddings = _analyse(model)
-    refused = [m.refused for m in modules if m.refused]
     inexact = [m.inexact for m in modules if m.inexact]
-    if refused or (inexact and not allow_deviation):
-        lines = refused + ([] if allow_deviation else inexact)
-        hint = ("" if refused or not inexact else
+    lines = _problems(modules, allow_deviation)
+    if lines:
+        hint = ("" if any(m.refused for m in modules) or not inexact else
                 "\nOr pass allow_deviation=True (recipe output.allow_deviation: true, CLI --allow-deviation) to export "
                 "anyway; the measured deviation is printed.")
         raise ExportError(
