@@ -1,4 +1,4 @@
-"""Peak memory of quantize-at-load on a checkpoint larger than the memory it is given.
+"""Peak memory of quantize-at-load (and of offloaded calibration) on a checkpoint larger than the memory it is given.
 
 What is measured
 ----------------
@@ -13,6 +13,12 @@ What is measured
   ``VmHWM`` (the kernel's own high-water mark of the process) is the reported peak. Reported: peak RSS,
   the quantized model's bytes (parameters + buffers), both as ratios to the float checkpoint's bytes,
   wall and process CPU time of the load, and a one-token forward as a smoke check.
+* The ``sq-*`` configurations calibrate (SmoothQuant, 4 samples x 128 tokens): the float model is
+  loaded offloaded by accelerate (every decoder layer, the final norm and the LM head on
+  ``"disk"``, read from the checkpoint's own shards; the embedding in memory) and
+  :func:`hfptq.quantize_offloaded` quantizes it one layer at a time. The model has random weights
+  and no tokenizer, so the calibration samples are random token ids (seeded). Their rows also
+  give hfptq's own estimate of the peak, printed before any weight is loaded.
 * ``--cap-gb``: the subprocess runs in a cgroup (v1 or v2) whose memory limit is this many GB when
   one can be created (root); otherwise the cap is reported as not enforced and only measured. A
   load that exceeds it is killed (reported as failed); the page cache of the mapped checkpoint is
@@ -27,6 +33,10 @@ int8               ``HfPtqConfig(scheme={"attention": "int8"})``: every linear i
 w4                 ``HfPtqConfig(weights={"bits": 4}, activations="none")``: FFN + LM head int4
                    group-128 weight-only, attention FP16
 w4-all             the same with ``scheme={"attention": "int4"}``: every linear int4
+sq-default         ``HfPtqConfig()`` + SmoothQuant (alpha 0.5), offloaded, calibrated
+sq-int8-static     every linear int8 W8A8 with static activations + SmoothQuant, offloaded
+sq-mixed           attention int8 W8A8 static + SmoothQuant, FFN int4 group-128 weight-only,
+                   LM head int8 W8A8 static, offloaded
 =================  ==========================================================================
 
 ``<config>-float-first`` (e.g. ``default-float-first``) loads the float model first and quantizes
@@ -35,6 +45,8 @@ after loading, as hfptq did before quantize-while-loading (and still does for ca
 Run::
 
     python benchmarks/scale.py --configs default,int8,w4-all --cap-gb default=4.8,int8=4.1,w4-all=3.0
+    python benchmarks/scale.py --append --configs sq-default,sq-int8-static,sq-mixed \
+        --cap-gb sq-default=4.8,sq-int8-static=4.1,sq-mixed=3.0
     python benchmarks/scale.py --layers 4 --configs default --json /tmp/x.json   # quick
 
 Writes ``benchmarks/results/scale-<n>B.json`` (with CPU facts) and prints a Markdown table.
@@ -71,6 +83,26 @@ CONFIGS = {
 #: ``<config>-float-first``: the same plan loaded in float and quantized after loading (what every
 #: plan did before quantize-while-loading; HFPTQ_QUANTIZE_WHILE_LOADING=0)
 FLOAT_FIRST = "-float-first"
+
+#: SmoothQuant-calibrated plans, run over the disk-offloaded float model (hfptq.quantize_offloaded): every
+#: decoder layer, the final norm and the LM head on "disk", the embedding in memory
+_CALIBRATION = "calibration={'dataset': 'random token ids', 'num_samples': 4, 'seq_len': 128, 'batch_size': 4}"
+OFFLOADED = {
+    "sq-default": f"HfPtqConfig(smoothquant={{'alpha': 0.5}}, {_CALIBRATION})",
+    "sq-int8-static": f"HfPtqConfig(scheme={{'attention': 'int8'}}, activations='static', smoothquant={{'alpha': 0.5}}, "
+                      f"{_CALIBRATION})",
+    "sq-mixed": f"HfPtqConfig(scheme={{'attention': 'int8', 'ffn': 'int4'}}, activations='static', "
+                f"smoothquant={{'alpha': 0.5}}, {_CALIBRATION})",
+}
+CALIBRATION_SHAPE = (4, 128)
+CONFIGS.update(OFFLOADED)
+
+
+def offload_map(config) -> Dict[str, str]:
+    """Device map of the offloaded runs: the decoder layers, final norm and LM head on disk."""
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "disk", "lm_head": "disk"}
+    device_map.update({f"model.layers.{i}": "disk" for i in range(config.num_hidden_layers)})
+    return device_map
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,9 +265,25 @@ def measure_child(path: str, config_name: str) -> Dict[str, Any]:
     if config_name.endswith(FLOAT_FIRST):
         os.environ["HFPTQ_QUANTIZE_WHILE_LOADING"] = "0"
     config = eval(expr, {"HfPtqConfig": HfPtqConfig})  # noqa: S307 - fixed table above
+    offloaded = config_name in OFFLOADED
     wall, cpu = time.perf_counter(), time.process_time()
     with PeakSampler() as sampler:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=config)
+        if offloaded:
+            import tempfile
+
+            from transformers import AutoConfig
+
+            # the float model offloaded to disk (accelerate reads the checkpoint's own shards), then quantized
+            # one layer at a time; the random-weight model has no tokenizer, so the calibration samples are
+            # random token ids (seeded)
+            with tempfile.TemporaryDirectory() as folder:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, offload_folder=folder,
+                                                             device_map=offload_map(AutoConfig.from_pretrained(path)))
+                ids = torch.randint(0, model.config.vocab_size, CALIBRATION_SHAPE,
+                                    generator=torch.Generator().manual_seed(0))
+                hfptq.quantize_offloaded(model, config, calibration_data=ids, progress=False)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=config)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     after_load = _status_kb()
     load_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -254,6 +302,10 @@ def measure_child(path: str, config_name: str) -> Dict[str, Any]:
         "baseline_bytes": {k: v * 1024 for k, v in baseline.items()},
         "after_load_bytes": {k: v * 1024 for k, v in after_load.items()},
         "quantized_bytes": model_bytes(model), "streamed": bool(getattr(model, "hfptq_streamed", False)),
+        "offloaded": offloaded, "offload": getattr(model, "hfptq_offload", None),
+        "calibration": {k: (model.hfptq_calibration or {}).get(k) for k in
+                        ("num_samples", "seq_len", "seconds", "peak_rss_bytes", "estimated_memory_bytes", "engine")}
+        if offloaded else None,
         "finite_logits": bool(torch.isfinite(logits).all()), "hfptq": hfptq.__version__,
         "summary": hfptq.summary(model),
     }
@@ -342,18 +394,23 @@ def render(result: Dict[str, Any]) -> str:
         f"Model: random Llama, {result['params'] / 1e9:.2f} B params, bf16 checkpoint {_gb(float_bytes)} GB "
         f"({result['shards']} shards); {result['date']}; {result['cpu_model']} ({result['cpu_capability']})",
         "",
-        "| config | streamed | peak RSS GB | peak / float | quantized GB | quantized / float | load wall s | load CPU s | cap |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| config | path | peak RSS GB | peak / float | quantized GB | quantized / float | estimated peak / float "
+        "| <= 0.5x | load wall s | load CPU s | cap |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for row in result["rows"]:
         if "ru_maxrss_bytes" not in row:
-            lines.append(f"| {row['config']} | failed (rc {row['returncode']}) | | | | | | | {row['cap']} |")
+            lines.append(f"| {row['config']} | failed (rc {row['returncode']}) | | | | | | | | | {row['cap']} |")
             continue
         peak = _peak(row)
+        path = ("offloaded, calibrated" if row.get("offloaded") else
+                "streamed" if row["streamed"] else "float first")
+        estimate = (row.get("offload") or {}).get("estimate", {}).get("total_bytes")
         lines.append(
-            f"| {row['config']} | {'yes' if row['streamed'] else 'no'} | {_gb(peak)} | **{peak / float_bytes:.2f}x** | "
-            f"{_gb(row['quantized_bytes'])} | {row['quantized_bytes'] / float_bytes:.2f}x | {row['load_wall_s']:.0f} | "
-            f"{row['load_cpu_s']:.0f} | {row['cap']} |")
+            f"| {row['config']} | {path} | {_gb(peak)} | **{peak / float_bytes:.2f}x** | "
+            f"{_gb(row['quantized_bytes'])} | {row['quantized_bytes'] / float_bytes:.2f}x | "
+            f"{f'{estimate / float_bytes:.2f}x' if estimate else ''} | {'yes' if peak <= 0.5 * float_bytes else 'no'} | "
+            f"{row['load_wall_s']:.0f} | {row['load_cpu_s']:.0f} | {row['cap']} |")
     return "\n".join(lines)
 
 
@@ -375,6 +432,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                         help="memory cgroup limit of each load, if one can be made: GB, or per config 'default=4.8,w4=2'")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="output path (default benchmarks/results/scale-<n>B.json)")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of the existing output file for configs not run now (each row keeps its date)")
     args = parser.parse_args(argv)
     config = llama_config(args.layers)
     cache = Path(args.cache or os.environ.get("HFPTQ_CACHE") or Path.home() / ".cache" / "hfptq") / "scale"
@@ -389,11 +448,19 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     result["transformers"] = transformers.__version__
     caps = _parse_caps(args.cap_gb)
-    for name in args.configs.split(","):
-        name = name.strip()
-        result["rows"].append(run_config(folder, name, caps.get(name, caps.get("*")), args.threads))
+    names = [name.strip() for name in args.configs.split(",")]
+    for name in names:
+        row = run_config(folder, name, caps.get(name, caps.get("*")), args.threads)
+        row["date"] = result["date"]
+        result["rows"].append(row)
         print(f"{name}: done", file=sys.stderr)
     out = Path(args.json) if args.json else HERE / "results" / f"scale-{record['params'] / 1e9:.1f}B.json"
+    if args.append and out.exists():
+        previous = json.loads(out.read_text())
+        if previous.get("float_bytes") == result["float_bytes"]:
+            kept = [dict(row, date=row.get("date", previous.get("date"))) for row in previous.get("rows", [])
+                    if row["config"] not in names]
+            result["rows"] = kept + result["rows"]
     out.write_text(json.dumps(result, indent=1))
     print(render(result))
     return result

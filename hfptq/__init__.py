@@ -23,6 +23,7 @@ from .errors import (
 )
 from .plan import Plan, resolve_plan
 from .export import export_compressed_tensors
+from .offload import quantize_offloaded
 from .quantizer import HfPtqQuantizer, register
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "HfPtqQuantizer",
     "Plan",
     "quantize_model",
+    "quantize_offloaded",
     "resolve_plan",
     "get_plan",
     "summary",

@@ -83,6 +83,12 @@ def quantize_model(
     config = config if config is not None else HfPtqConfig()
     started = time.perf_counter()
     refuse_quantized(model)  # "already quantized; call dequantize() first" instead of a 0-module plan
+    offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise ConfigError(
+            f"{len(offloaded)} weight(s) of this model are on the meta device (e.g. {offloaded[0]!r}): accelerate offloads "
+            "them. Use hfptq.quantize_offloaded(model, config), which brings one decoder layer into memory at a time, "
+            "or pass quantization_config= to from_pretrained with your device_map.", key="device_map")
     plan = resolve_plan(model, config)
     bytes_before = model_bytes(model)
     logger.info(plan.summary())

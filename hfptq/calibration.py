@@ -196,7 +196,11 @@ def _sanitize_call(rest: tuple, kwargs: dict) -> Tuple[tuple, dict]:
 def _input_device(model: nn.Module) -> torch.device:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and getattr(emb, "weight", None) is not None:
-        return emb.weight.device
+        if emb.weight.device.type != "meta":
+            return emb.weight.device
+        # offloaded by accelerate: the weight comes in, for each forward, on its hook's execution device
+        device = getattr(getattr(emb, "_hf_hook", None), "execution_device", None)
+        return torch.device(device if device is not None else "cpu")
     for tensor in model.parameters():
         return tensor.device
     return torch.device("cpu")
@@ -693,6 +697,9 @@ class CalibrationRun:
         self.pending: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (model tensor, new value)
         self.smoothed: Dict[str, nn.Module] = {}  # planned linears whose weight a step changed
         self.plan_updates: List[Tuple[Any, Any]] = []  # (embedding entry tied to a smoothed head, 1 / s)
+        # an offloaded model (hfptq.offload): ``enter(run, index)`` brings a decoder layer's weights into memory
+        # before its work, ``leave(run, index)`` commits and quantizes it after, ``before_tail(run)`` loads the rest
+        self.layer_hooks: Optional[Any] = None
 
     # -------------------------------------------------------------------- validation
     def validate(self) -> None:
@@ -920,6 +927,8 @@ class CalibrationRun:
         for position, index in enumerate(self.order):
             if position > self.last_needed:
                 break  # later layers feed no observer, algorithm or tail module
+            if self.layer_hooks is not None:
+                self.layer_hooks.enter(self, index)
             layer = layers[index]
             prefix = f"{name}.{index}."
             if self.steps:  # steps change a working copy, committed only when everything succeeded
@@ -953,7 +962,9 @@ class CalibrationRun:
                 self.layer_pass(lw, write=True)
             if self.steps:
                 self._record_changes(layer, work, prefix)
-                del work, lw
+            del work, lw  # (an offloaded layer's float modules must not outlive its conversion)
+            if self.layer_hooks is not None:
+                self.layer_hooks.leave(self, index)
         for step in self.steps:
             step.end_layers(self)
 
@@ -1083,6 +1094,8 @@ class CalibrationRun:
                 self.bar.total = n_batches * (1 + passes * (self.last_needed + 1) + int(self.tail_needed))
                 self.bar.refresh()
                 self._run_layers()
+                if self.layer_hooks is not None:
+                    self.layer_hooks.before_tail(self)
                 self._run_tail()
             else:
                 self.bar = tqdm(total=n_batches, desc="hfptq: calibrating (whole model)", disable=not self.progress,

@@ -22,14 +22,26 @@ Other plans (calibration, rotation, quantized embeddings, GPT-2 ``Conv1D``) load
 first and quantize after loading, as before; set ``HFPTQ_QUANTIZE_WHILE_LOADING=0`` to force that
 path.
 
-Device maps
------------
-Quantizing at load with a ``device_map`` that offloads to ``"disk"`` (or leaves weights on
-``"meta"``) is refused with :class:`OffloadError` before any weight is read: the float weights
-of offloaded modules are not in memory when hfptq quantizes, so the integer weights would stay
-on the meta device. Quantize without offloading (quantize-while-loading needs about the
-quantized size), ``save_pretrained`` the result, and load *that* with any ``device_map``:
-reloading an hfptq checkpoint with disk offload works.
+Models larger than memory (offloading device maps)
+---------------------------------------------------
+``from_pretrained(path, quantization_config=..., device_map=<map with "disk" entries> or
+device_map="auto" + max_memory, offload_folder=...)`` loads the float model offloaded by
+accelerate and :func:`quantize_offloaded` quantizes it one decoder layer at a time: each layer's
+weights are brought into memory (:func:`materialize`, what accelerate's hook loads before a
+forward), calibrated by the sequential engine (static activations, SmoothQuant, GPTQ), quantized,
+and its float weights dropped; the modules after the layers (final norm, LM head) follow. The
+quantized model ends up wholly in memory on the CPU, without offload hooks. Peak memory ≈ the
+quantized model + one float layer (and its working copy when SmoothQuant/GPTQ rewrite it) + the
+calibration's hidden-state cache; it is estimated and printed before any weight is loaded. The
+tensors are those of :func:`hfptq.quantize_model` on the model in memory (bit-identical).
+``hfptq.quantize_offloaded(model, config)`` does the same for a model dispatched by hand
+(``accelerate.disk_offload`` / ``dispatch_model``).
+
+Refused with :class:`OffloadError` (before any weight is read where possible): ``"meta"`` entries
+in the map; Hadamard-rotated plans (the rotation folds into all float weights first); and a
+``device_map="auto"`` that still offloads to disk for a plan that quantizes while loading (the
+map was sized with the quantized model, which then does not fit in ``max_memory``). Reloading a
+saved hfptq checkpoint works with any ``device_map``.
 """
 from __future__ import annotations
 
@@ -44,6 +56,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .config import HfPtqConfig
 from .errors import ConfigError
@@ -66,35 +79,41 @@ class OffloadError(ConfigError):
 # ------------------------------------------------------------------------------------------------
 
 
-def check_device_map(device_map: Any, *, pre_quantized: bool) -> None:
-    """Refuse a resolved ``device_map`` that offloads weights while hfptq quantizes at load.
+def check_device_map(device_map: Any, *, pre_quantized: bool, streaming: bool = False) -> None:
+    """Refuse a resolved ``device_map`` hfptq cannot quantize into, before any weight is read.
 
-    Reloading a saved hfptq checkpoint (``pre_quantized``) with disk offload is allowed: the
-    integer tensors load by name and accelerate's hooks bring offloaded ones in at run time.
+    ``"disk"`` entries work: the float model loads offloaded and :func:`quantize_offloaded`
+    quantizes it layer by layer. Refused: ``"meta"`` entries (no weights at all), and a map that
+    ``device_map="auto"`` sent to disk for a plan that quantizes while loading (``streaming``): the
+    map was sized with the *quantized* model, so the quantized model itself does not fit the
+    memory given, and hfptq keeps the quantized model in memory. Reloading a saved hfptq
+    checkpoint (``pre_quantized``) works with any map.
 
     Raises:
-        OffloadError: ``device_map`` sends modules to ``"disk"`` or ``"meta"`` and the model is
-            quantized while loading.
+        OffloadError: as above.
 
     Example:
         >>> check_device_map({"": "cpu"}, pre_quantized=False)
+        >>> check_device_map({"model.layers.1": "disk"}, pre_quantized=False)
         >>> check_device_map({"model.layers.1": "disk"}, pre_quantized=True)
     """
     if pre_quantized or not isinstance(device_map, Mapping):
         return
-    offloaded = [name or "<whole model>" for name, device in device_map.items() if str(device) in _OFFLOAD_DEVICES]
+    refused = ("disk", "meta") if streaming else ("meta",)
+    offloaded = [name or "<whole model>" for name, device in device_map.items() if str(device) in refused]
     if not offloaded:
         return
-    devices = sorted({str(device_map[n if n != "<whole model>" else ""]) for n in offloaded})
+    modules = f"{', '.join(offloaded[:3])}{', ...' if len(offloaded) > 3 else ''}"
+    if not streaming or all(str(device_map[n if n != "<whole model>" else ""]) == "meta" for n in offloaded):
+        raise OffloadError(
+            f"device_map sends {len(offloaded)} module(s) to 'meta' ({modules}): their weights would be loaded nowhere. "
+            "Fix: send them to 'cpu' or 'disk' (with offload_folder=...); hfptq quantizes a disk-offloaded model layer by "
+            "layer.", key="device_map")
     raise OffloadError(
-        f"device_map offloads {len(offloaded)} module(s) to {'/'.join(devices)} ({', '.join(offloaded[:3])}"
-        f"{', ...' if len(offloaded) > 3 else ''}) while hfptq quantizes at load: offloaded float weights are not in "
-        "memory when hfptq quantizes, so their integer weights would stay on the meta device. Fix: load with "
-        "device_map='cpu' (or a map without 'disk'; with max_memory, raise it or drop offload_folder) - plans without "
-        "calibration quantize while loading and need about the quantized size - then save_pretrained the result and "
-        "load that checkpoint with your offloading device_map (reloading an hfptq checkpoint with disk offload works).",
-        key="device_map",
-    )
+        f"device_map='auto' offloads {len(offloaded)} module(s) to disk ({modules}) although it was sized with the "
+        "quantized model: the quantized model does not fit in max_memory, and hfptq keeps the quantized model in memory. "
+        "Fix: raise max_memory (or drop it) - this plan quantizes while loading and needs about the quantized size - or "
+        "quantize to a smaller plan (e.g. int4 weights).", key="device_map")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -143,7 +162,8 @@ def streaming_blocker(config: HfPtqConfig, plan: Plan) -> Optional[str]:
     return None
 
 
-def prepare_streaming(model: nn.Module, config: HfPtqConfig, dtype: Optional[torch.dtype]) -> Optional[StreamState]:
+def prepare_streaming(model: nn.Module, config: HfPtqConfig, dtype: Optional[torch.dtype],
+                      device_map: Any = None) -> Optional[StreamState]:
     """Before the weights load: swap planned modules for empty quantized ones, if the plan allows.
 
     Returns the state the quantize op and :func:`finish_streaming` use, or ``None`` (the model is
@@ -156,6 +176,9 @@ def prepare_streaming(model: nn.Module, config: HfPtqConfig, dtype: Optional[tor
 
     plan = resolve_plan(model, config)  # on the meta model: the plan only reads names, classes and shapes
     blocker = streaming_blocker(config, plan)
+    if isinstance(device_map, Mapping) and any(str(d) == "disk" for d in device_map.values()):
+        _refuse_offloaded_plan(plan)  # before any weight is read
+        blocker = blocker or "the device_map offloads to disk: quantized layer by layer after loading (quantize_offloaded)"
     if blocker is not None:
         logger.info("hfptq: quantizing after loading (%s)", blocker)
         return None
@@ -333,4 +356,386 @@ def finish_streaming(model: nn.Module, state: StreamState) -> nn.Module:
     model.hfptq_seconds = time.perf_counter() - state.started
     model.hfptq_streamed = True
     logger.info("hfptq: quantized while loading: %s", state.plan.summary())
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibration and conversion over an offloaded model
+# ------------------------------------------------------------------------------------------------
+
+
+def _align_hooks(module: nn.Module) -> list:
+    """The accelerate ``AlignDevicesHook``\\ s attached to ``module`` itself (inside a ``SequentialHook`` too)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    hooks = list(getattr(hook, "hooks", None) or [hook])
+    return [h for h in hooks if type(h).__name__ == "AlignDevicesHook"]
+
+
+def offloaded_module_names(model: nn.Module) -> list:
+    """Modules whose weights accelerate keeps off memory (disk or CPU offload), in model order.
+
+    Example:
+        >>> offloaded_module_names(torch.nn.Linear(2, 2))
+        []
+    """
+    return [name for name, module in model.named_modules()
+            if any(h.offload and h.weights_map is not None for h in _align_hooks(module))]
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """True when accelerate offloads some of ``model``'s weights (they sit on the meta device between forwards).
+
+    Example:
+        >>> is_offloaded(torch.nn.Linear(2, 2))
+        False
+    """
+    return bool(offloaded_module_names(model))
+
+
+def _load_tensor(module: nn.Module, name: str, value: torch.Tensor, device: Any) -> None:
+    """Put ``value`` at ``module.<name>`` as accelerate's hook does before a forward (same dtype cast)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    set_module_tensor_to_device(module, name, device, value=value)
+
+
+def _remove_hook(module: nn.Module) -> None:
+    """accelerate's ``remove_hook_from_module``, without the reference cycle it leaves behind.
+
+    It restores ``module.forward`` as an instance attribute bound to ``module`` itself: a cycle, so
+    the module (and a float weight it holds) outlives its replacement until the garbage collector
+    runs. Where that attribute is just the class's ``forward``, it is dropped instead.
+    """
+    from accelerate.hooks import remove_hook_from_module
+
+    remove_hook_from_module(module)
+    bound = module.__dict__.get("forward")
+    if getattr(bound, "__self__", None) is module and getattr(bound, "__func__", None) is type(module).forward:
+        del module.__dict__["forward"]
+
+
+def materialize(module: nn.Module) -> int:
+    """Bring every offloaded weight under ``module`` into memory for good and drop accelerate's hooks there.
+
+    Exactly what the offload hook loads before a forward (the stored tensor, cast to the
+    parameter's dtype), on the hook's execution device (the CPU here); afterwards ``module`` is a
+    plain in-memory module. Returns the bytes loaded.
+
+    Example:
+        >>> layer = model.model.layers[5]   # dispatched with disk offload   # doctest: +SKIP
+        >>> materialize(layer)                                                 # doctest: +SKIP
+        1048576
+    """
+    from accelerate.utils.modeling import named_module_tensors
+
+    loaded = 0
+    for sub in list(module.modules()):
+        for hook in _align_hooks(sub):
+            if hook.offload and hook.weights_map is not None:
+                device = hook.execution_device if hook.execution_device is not None else "cpu"
+                for name, tensor in list(named_module_tensors(sub, include_buffers=hook.offload_buffers,
+                                                              recurse=hook.place_submodules, remove_non_persistent=True)):
+                    if tensor.device.type != "meta":
+                        continue
+                    value = hook.weights_map[name]
+                    _load_tensor(sub, name, value, device)
+                    loaded += value.numel() * torch.empty((), dtype=tensor.dtype).element_size()
+                hook.offload = False  # detach_hook would reload the weights map into non-meta originals
+        if hasattr(sub, "_hf_hook"):
+            _remove_hook(sub)
+    leftover = [f"{n}" for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.device.type == "meta"]
+    if leftover:
+        raise OffloadError(
+            f"{len(leftover)} tensor(s) under this module stay on the meta device after loading its offloaded weights "
+            f"({', '.join(leftover[:3])}): accelerate has no stored value for them. Fix: load the model with a device_map "
+            "that sends whole decoder layers to 'disk' or 'cpu' (never 'meta').", key="device_map")
+    return loaded
+
+
+def _planned_bytes(entry: ModuleSpec, dtype: torch.dtype, config: HfPtqConfig) -> int:
+    """Bytes of the module the plan turns ``entry`` into (built empty on the meta device)."""
+    from .convert import _FLOAT_DTYPES
+    from .quant.linear import FloatLinear, QuantEmbedding, QuantLinear
+
+    if entry.precision == "skip" or entry.tied_to:
+        return 0
+    if entry.kind == "embedding":
+        module = QuantEmbedding(entry.out_features, entry.in_features, weight_args=entry.weights, device="meta")
+    elif entry.quantized:
+        module = QuantLinear(entry.in_features, entry.out_features, entry.has_bias, weight_args=entry.weights,
+                             act_args=entry.activations, fake=config.mode == "fake", dtype=dtype, device="meta")
+    else:
+        module = FloatLinear(entry.in_features, entry.out_features, entry.has_bias,
+                             storage_dtype=_FLOAT_DTYPES[entry.precision], device="meta")
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+@dataclass
+class OffloadEstimate:
+    """Peak host memory of quantizing an offloaded model, by component (bytes)."""
+
+    quantized_model: int
+    float_layer: int
+    calibration: int
+    float_model: int
+
+    @property
+    def total(self) -> int:
+        return self.quantized_model + self.float_layer + self.calibration
+
+    def describe(self) -> str:
+        from .utils import format_bytes
+
+        return (f"~{format_bytes(self.total, digits=1)} peak ({self.total / max(1, self.float_model):.2f}x the float "
+                f"model's {format_bytes(self.float_model, digits=1)}): quantized model "
+                f"{format_bytes(self.quantized_model, digits=1)} + one float layer {format_bytes(self.float_layer, digits=1)}"
+                f" + calibration {format_bytes(self.calibration, digits=1)}")
+
+    def to_dict(self) -> Dict[str, int]:
+        return {"total_bytes": self.total, "quantized_model_bytes": self.quantized_model,
+                "float_layer_bytes": self.float_layer, "calibration_bytes": self.calibration,
+                "float_model_bytes": self.float_model}
+
+
+def estimate_offloaded_memory(model: nn.Module, plan: Plan, config: HfPtqConfig,
+                              calibration_shape: Optional[tuple] = None) -> OffloadEstimate:
+    """Estimate the peak memory of :func:`quantize_offloaded`: the quantized model (it stays in memory) + one float
+    decoder layer + the calibration's own memory (:func:`hfptq.calibration.estimate_calibration_memory`).
+
+    Example:
+        >>> est = estimate_offloaded_memory(model, resolve_plan(model, cfg), cfg, (4, 128))   # doctest: +SKIP
+        >>> print(est.describe())                                                               # doctest: +SKIP
+        ~3.9 GiB peak (0.69x the float model's 5.6 GiB): quantized model 3.6 GiB + ...
+    """
+    from .architectures import find_decoder_layers
+    from .calibration import _model_dtype, estimate_calibration_memory
+
+    dtype = _model_dtype(model)
+    planned = {e.name: e for e in plan if e.precision != "skip"}
+    quantized = sum(_planned_bytes(e, dtype, config) for e in planned.values())
+    float_bytes = 0
+    seen = set()
+    for name, tensor in list(model.named_parameters(remove_duplicate=True)) + list(model.named_buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        size = tensor.numel() * tensor.element_size()
+        float_bytes += size
+        owner = name.rpartition(".")[0]
+        if owner not in planned:  # norms, a float embedding, ...: kept as they are
+            quantized += size
+    layers = find_decoder_layers(model)
+    layer_bytes = 0
+    if layers is not None:
+        layer_bytes = max(sum(t.numel() * t.element_size() for t in layer.parameters()) for layer in layers[1])
+    calibration = 0
+    if calibration_shape is not None:
+        calibration = estimate_calibration_memory(model, plan, config, int(calibration_shape[0]),
+                                                  int(calibration_shape[1]), layers=layers,
+                                                  sequential=layers is not None).total
+    return OffloadEstimate(quantized_model=quantized, float_layer=layer_bytes, calibration=calibration,
+                           float_model=float_bytes)
+
+
+def offload_blocker(plan: Plan) -> Optional[str]:
+    """Why ``plan`` cannot be applied to an offloaded model (``None`` when it can).
+
+    Example:
+        >>> offload_blocker(Plan([])) is None
+        True
+    """
+    for entry in plan:
+        if entry.precision != "skip" and (entry.activations or {}).get("rotation"):
+            return (f"{entry.name}: the Hadamard rotation is folded into the float weights of the whole model before "
+                    "calibration")
+    return None
+
+
+def _refuse_offloaded_plan(plan: Plan) -> None:
+    blocker = offload_blocker(plan)
+    if blocker is not None:
+        raise OffloadError(
+            f"This plan cannot be applied to an offloaded model ({blocker}). Fix: drop activations.rotation, or load the "
+            "model without offloading.", key="device_map")
+
+
+class _LayerByLayer:
+    """Drives an offloaded model through calibration and conversion one decoder layer at a time.
+
+    The calibration engine calls :meth:`enter` before a layer's work (its weights come into memory),
+    :meth:`leave` after it (the steps' changes to that layer are applied, its static scales frozen,
+    its planned modules converted: the float weights go) and :meth:`before_tail` before the
+    modules after the layer stack are calibrated; :meth:`finish` converts whatever calibration did
+    not reach. The numbers are those of :func:`hfptq.quantize_model` on the model in memory: the
+    same tensors reach the same ``convert_model``.
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan, config: HfPtqConfig, progress: bool) -> None:
+        from .architectures import find_decoder_layers
+
+        self.model, self.plan, self.config, self.progress = model, plan, config, progress
+        self.layers = find_decoder_layers(model)
+        self.done: set = set()
+        self.float_loaded = 0  # bytes of offloaded weights brought into memory
+
+    def _entries(self, prefix: Optional[str]) -> list:
+        inside = f"{self.layers[0]}." if self.layers is not None else None
+        if prefix is not None:
+            return [e for e in self.plan if e.name.startswith(prefix) and e.precision != "skip" and not e.tied_to]
+        return [e for e in self.plan if e.precision != "skip" and (inside is None or not e.name.startswith(inside))]
+
+    def _convert(self, entries: list, input_qparams: Mapping, weights: Mapping, weight_qparams: Mapping) -> None:
+        from .convert import convert_model
+
+        if not entries:
+            return
+        convert_model(self.model, Plan(entries, self.plan.preset, self.plan.model_type), fake=self.config.mode == "fake",
+                      compute_dtype=self.config.compute_dtype, input_qparams=input_qparams, weights=weights,
+                      weight_qparams=weight_qparams, progress=False)
+        _trim_heap()
+
+    # ---- the engine's hooks
+    def enter(self, run: Any, index: int) -> None:
+        self.float_loaded += materialize(self.layers[1][index])
+
+    def leave(self, run: Any, index: int) -> None:
+        from .architectures import weight_out_in
+        from .calibration import _frozen_qparams
+
+        name, stack = self.layers
+        prefix = f"{name}.{index}."
+        layer = stack[index]
+        mine = {id(t) for t in list(layer.parameters()) + list(layer.buffers())}
+        kept = []
+        with torch.no_grad():  # what run() commits at the end, committed now for this layer
+            for target, value in run.pending:
+                if id(target) in mine:
+                    target.copy_(value.to(device=target.device, dtype=target.dtype))
+                else:
+                    kept.append((target, value))
+        run.pending = kept
+        for full in [n for n in run.smoothed if n.startswith(prefix)]:
+            run.weights[full] = weight_out_in(run.smoothed.pop(full)).detach()
+        entries = self._entries(prefix)
+        names = {e.name for e in entries}
+        input_qparams, _ = _frozen_qparams({n: s for n, s in run.slots.items() if n in names})
+        weights = {n: run.weights.pop(n) for n in list(run.weights) if n in names}
+        self._convert(entries, input_qparams, weights, run.weight_qparams)
+        self.done.add(index)
+
+    def before_tail(self, run: Any) -> None:
+        self._materialize_rest()
+
+    # ---- after calibration (or without it)
+    def _materialize_rest(self) -> None:
+        inside = f"{self.layers[0]}." if self.layers is not None else None
+        for name, module in list(self.model.named_modules()):
+            if inside is not None and (name + ".").startswith(inside):
+                continue
+            if any(h.offload and h.weights_map is not None for h in _align_hooks(module)):
+                self.float_loaded += materialize(module)
+
+    def finish(self, result: Any) -> None:
+        input_qparams = getattr(result, "input_qparams", None) or {}
+        weights = dict(getattr(result, "weights", None) or {})
+        weight_qparams = getattr(result, "weight_qparams", None) or {}
+        if self.layers is not None:
+            name, stack = self.layers
+            todo = [i for i in range(len(stack)) if i not in self.done]
+            for index in tqdm(todo, desc="hfptq: converting offloaded layers", disable=not self.progress or not todo,
+                              leave=False):
+                self.float_loaded += materialize(stack[index])
+                entries = self._entries(f"{name}.{index}.")
+                self._convert(entries, input_qparams, {n: weights.pop(n) for n in list(weights)
+                                                       if n.startswith(f"{name}.{index}.")}, weight_qparams)
+                self.done.add(index)
+        self._materialize_rest()
+        self._convert(self._entries(None), input_qparams, weights, weight_qparams)
+        for module in self.model.modules():  # everything is in memory now: no hook left to run
+            if hasattr(module, "_hf_hook"):
+                _remove_hook(module)
+        if hasattr(self.model, "hf_device_map"):  # no longer dispatched: a plain in-memory model (saved as one)
+            del self.model.hf_device_map
+
+
+def quantize_offloaded(
+    model: nn.Module,
+    config: Optional[HfPtqConfig] = None,
+    *,
+    tokenizer: Any = None,
+    calibration_data: Optional[torch.Tensor] = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize a model whose weights accelerate offloads (to disk or CPU), one decoder layer at a time.
+
+    For models larger than memory: load the float model with an offloading ``device_map`` (or
+    dispatch it with accelerate's ``disk_offload`` / ``dispatch_model``) and call this, or pass
+    ``quantization_config=`` to that ``from_pretrained``, which calls it. Each decoder layer's
+    weights are brought into memory, calibrated (static activations, SmoothQuant, GPTQ, exactly as
+    :func:`hfptq.quantize_model`), quantized, and its float weights dropped; the quantized model
+    ends up wholly in memory on the CPU, without offload hooks. Peak memory is about the quantized
+    model + one float layer + the calibration's hidden-state cache: estimated and printed before
+    any weight is loaded (also on ``model.hfptq_offload["estimate"]``, with the measured peak RSS).
+
+    The result equals :func:`hfptq.quantize_model` on the same model in memory (same tensors,
+    same logits). Unlike it, a failure part way leaves the model part converted: reload it.
+
+    Raises:
+        OffloadError: the plan rotates activations (Hadamard), which folds into every float weight first.
+
+    Example:
+        >>> model = AutoModelForCausalLM.from_pretrained(path, device_map={"": "disk"},
+        ...                                              offload_folder="off")          # doctest: +SKIP
+        >>> hfptq.quantize_offloaded(model, HfPtqConfig(smoothquant={"alpha": 0.5},
+        ...     calibration=dict(dataset="wikitext", config="wikitext-2-raw-v1", num_samples=8)))  # doctest: +SKIP
+    """
+    from .api import _load_tokenizer, attach_plan, model_bytes, needs_calibration, release_checkpoint_mapping
+    from .calibration import CalibrationRun, default_steps
+    from .checkpoint import mark_quantized
+    from .convert import refuse_quantized
+    from .plan import resolve_plan
+
+    config = config if config is not None else HfPtqConfig()
+    started = time.perf_counter()
+    refuse_quantized(model)
+    plan = resolve_plan(model, config)
+    _refuse_offloaded_plan(plan)
+    bytes_before = model_bytes(model)
+    logger.info(plan.summary())
+    calibrated = needs_calibration(config, plan)
+    if calibrated and calibration_data is None:
+        if config.calibration is None:
+            raise ConfigError(
+                "This config needs calibration data (static activations, SmoothQuant or GPTQ): set "
+                "calibration=dict(dataset=..., split=...) or pass calibration_data= token ids.", key="calibration")
+        from .data import calibration_batches
+
+        calibration_data = calibration_batches(config.calibration, _load_tokenizer(model, config, tokenizer),
+                                               progress=progress)
+    shape = tuple(calibration_data.shape) if calibrated and isinstance(calibration_data, torch.Tensor) else None
+    estimate = estimate_offloaded_memory(model, plan, config, shape)
+    message = f"hfptq: quantizing an offloaded model layer by layer; estimated memory {estimate.describe()}"
+    logger.info(message)
+    if progress and not logger.isEnabledFor(logging.INFO):
+        tqdm.write(message, file=sys.stderr)
+    driver = _LayerByLayer(model, plan, config, progress)
+    result = None
+    if calibrated:
+        run = CalibrationRun(model, plan, config, calibration_data, progress, (), default_steps(config))
+        run.layer_hooks = driver
+        result = run.run()
+    driver.finish(result)
+    release_checkpoint_mapping(model)
+    config.plan = plan.to_dict()
+    attach_plan(model, plan)
+    mark_quantized(model, config, plan)
+    model.hfptq_bytes_before = bytes_before
+    model.hfptq_calibration = getattr(result, "info", None)
+    model.hfptq_seconds = time.perf_counter() - started
+    from .calibration import _read_status_bytes
+
+    model.hfptq_offload = {"estimate": estimate.to_dict(), "peak_rss_bytes": _read_status_bytes("VmHWM"),
+                           "float_bytes_loaded": driver.float_loaded}
     return model

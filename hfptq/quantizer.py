@@ -31,7 +31,8 @@ class HfPtqQuantizer(HfQuantizer):
         from .offload import check_device_map
 
         # called again with the resolved device_map before any weight is read (issue 21)
-        check_device_map(kwargs.get("device_map"), pre_quantized=self.pre_quantized)
+        check_device_map(kwargs.get("device_map"), pre_quantized=self.pre_quantized,
+                         streaming=getattr(self, "_hfptq_stream", None) is not None)
 
     def update_dtype(self, dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
         self._dtype = dtype
@@ -61,7 +62,8 @@ class HfPtqQuantizer(HfQuantizer):
         if not self.pre_quantized:
             from .offload import prepare_streaming
 
-            self._hfptq_stream = prepare_streaming(model, self.quantization_config, self._dtype)
+            self._hfptq_stream = prepare_streaming(model, self.quantization_config, self._dtype,
+                                                   kwargs.get("device_map"))
             return
         from .checkpoint import prepare_reload
 
@@ -81,9 +83,14 @@ class HfPtqQuantizer(HfQuantizer):
             self._hfptq_stream = None
             finish_streaming(model, stream)
             return
-        from .api import quantize_model
+        from .offload import is_offloaded, quantize_offloaded
 
-        quantize_model(model, self.quantization_config)
+        if is_offloaded(model):  # a device_map with "disk" (or CPU offload): one decoder layer in memory at a time
+            quantize_offloaded(model, self.quantization_config)
+        else:
+            from .api import quantize_model
+
+            quantize_model(model, self.quantization_config)
         mark_quantized(model, self.quantization_config)
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:

@@ -132,21 +132,28 @@ def _rss_file_kb() -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_disk_offload_while_quantizing_is_refused_before_loading(untied_dir, tmp_path):
+def test_disk_offload_of_a_calibration_free_plan_quantizes_layer_by_layer_like_streaming(untied_dir, tmp_path):
+    """A disk map turns quantize-while-loading off (the float weights of offloaded layers are read by accelerate, not
+    by the loader's ops): the layers are quantized one by one after loading, with the same tensors."""
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                  "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    for config in (HfPtqConfig(), HfPtqConfig(activations="static", calibration={"dataset": "wikitext-2", "num_samples": 2})):
-        with pytest.raises(OffloadError) as err:
-            _load(untied_dir, config, device_map=device_map, offload_folder=str(tmp_path / "off"))
-        assert isinstance(err.value, HfPtqError) and err.value.key == "device_map"
-        assert "model.layers.1" in str(err.value) and "save_pretrained" in str(err.value)
-    assert not any((tmp_path / "off").glob("*")) if (tmp_path / "off").exists() else True
+                  "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
+    offloaded = _load(untied_dir, HfPtqConfig(), dtype=torch.bfloat16, device_map=device_map,
+                      offload_folder=str(tmp_path / "off"))
+    streamed = _load(untied_dir, HfPtqConfig(), dtype=torch.bfloat16)
+    assert streamed.hfptq_streamed and not getattr(offloaded, "hfptq_streamed", False)
+    state, ref_state = offloaded.state_dict(), streamed.state_dict()
+    assert state.keys() == ref_state.keys()
+    for key, tensor in state.items():
+        assert tensor.dtype == ref_state[key].dtype and torch.equal(tensor, ref_state[key]), key
+    with torch.no_grad():
+        assert torch.equal(offloaded(_ids(offloaded)).logits, streamed(_ids(streamed)).logits)
 
 
-def test_max_memory_that_forces_disk_offload_is_refused(untied_dir, tmp_path):
-    with pytest.raises(OffloadError, match="disk"):
+def test_max_memory_that_cannot_hold_the_quantized_model_is_refused(untied_dir, tmp_path):
+    with pytest.raises(OffloadError, match="max_memory") as err:
         _load(untied_dir, HfPtqConfig(), device_map="auto", max_memory={"cpu": 30_000},
               offload_folder=str(tmp_path / "off"))
+    assert isinstance(err.value, HfPtqError) and err.value.key == "device_map"
 
 
 def test_quantized_checkpoint_reloads_with_disk_offload(untied_dir, tmp_path):
@@ -176,8 +183,8 @@ def test_scale_benchmark_builds_a_sharded_bf16_checkpoint_and_measures_a_streame
     spec = importlib.util.spec_from_file_location("bench_scale", path)
     scale = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(scale)
-    config = scale.llama_config(layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                num_key_value_heads=2, vocab_size=96)
+    config = scale.llama_config(layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=96)  # int4 groups of 128 (sq-mixed) fit
     record = scale.build_checkpoint(tmp_path / "ckpt", config, progress=False)
     files = sorted((tmp_path / "ckpt").glob("*.safetensors"))
     assert len(files) == record["shards"] == 4  # embeddings, 2 layers, norm + LM head
@@ -192,7 +199,14 @@ def test_scale_benchmark_builds_a_sharded_bf16_checkpoint_and_measures_a_streame
     result = {"float_bytes": record["float_bytes"], "params": record["params"], "shards": 4, "date": "d",
               "cpu_model": "c", "cpu_capability": "x", "rows": [dict(row, cap="none")]}
     table = scale.render(result)
-    assert "| default | yes |" in table and "x |" in table
+    assert "| default | streamed |" in table and "x |" in table
+    # the SmoothQuant-calibrated run over the disk-offloaded model
+    offloaded = scale.measure_child(str(tmp_path / "ckpt"), "sq-mixed")
+    assert offloaded["offloaded"] and not offloaded["streamed"] and offloaded["finite_logits"]
+    assert offloaded["calibration"]["num_samples"] == 4 and offloaded["offload"]["float_bytes_loaded"] > 0
+    assert offloaded["offload"]["estimate"]["quantized_model_bytes"] == pytest.approx(offloaded["quantized_bytes"], rel=0.02)
+    table = scale.render(dict(result, rows=[dict(offloaded, cap="none")]))
+    assert "| sq-mixed | offloaded, calibrated |" in table
 
 
 _PEAK_CHILD = r"""
