@@ -68,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="recipe whose evaluation section to run (default: the hfptq_recipe.yaml saved with the checkpoint)")
     ev.add_argument("--reference", help="float model to compare with (default: the recipe's model)")
     _common(ev)
+    ev.add_argument("--processes", type=int, metavar="N",
+                    help="share the perplexity windows among N processes on this machine (started with torchrun, "
+                         "CPU/gloo); the combined perplexity equals the one-process number")
+    ev.add_argument("--device-map", metavar="MAP",
+                    help="load both models split across devices: auto, balanced, sequential, cpu, or a .json file of "
+                         "module name -> device ('disk' reads that layer from --offload-folder when it runs)")
+    ev.add_argument("--max-memory", metavar="DEV=SIZE,...", help="caps for --device-map auto, e.g. cpu=2GB")
+    ev.add_argument("--offload-folder", metavar="DIR",
+                    help="folder for disk-offloaded weights (default with --device-map: a temporary folder)")
 
     plan = sub.add_parser("plan", help="print the plan a recipe would apply, without quantizing")
     plan.add_argument("recipe", nargs="?", default="default", help="recipe file or built-in name")
@@ -94,14 +103,54 @@ def _run(args) -> int:
     return 0
 
 
+def _max_memory(text: Optional[str]):
+    from .errors import ConfigError
+
+    if text is None:
+        return None
+    caps = {}
+    for item in text.split(","):
+        device, sep, size = item.partition("=")
+        if not sep or not device.strip() or not size.strip():
+            raise ConfigError(f"--max-memory {text!r}: write DEVICE=SIZE pairs separated by commas, e.g. cpu=2GB "
+                              "or 0=20GiB,cpu=60GiB", key="max_memory")
+        device, size = device.strip(), size.strip()
+        caps[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
+    return caps
+
+
 def _eval(args) -> int:
+    import os
+
     from .workflows import evaluate_checkpoint
 
+    launched = os.environ.get("WORLD_SIZE")
+    if args.processes is not None and not launched and args.processes != 1:
+        from .workflows.evaluate import launch_evaluation
+
+        rc = launch_evaluation(args.checkpoint, args.processes, args.argv)
+        if rc:
+            print(f"hfptq eval: error: a process of the {args.processes} failed (torchrun exit code {rc}); its "
+                  "message is above.", file=sys.stderr)
+        return 1 if rc else 0
+    if launched:
+        import signal
+
+        from .errors import ConfigError
+
+        if args.processes is not None and args.processes != int(launched):
+            raise ConfigError(f"--processes {args.processes} inside a launch of {launched} processes: let hfptq start "
+                              "the processes or use a launcher, not both.", key="processes")
+
+        # torchrun stops the other ranks with SIGTERM when one fails: unwind so nothing is left half-written.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     report, out = evaluate_checkpoint(args.checkpoint, recipe=args.recipe, reference=args.reference or args.model,
                                       data_dir=args.data_dir, output=args.output, quick=args.quick,
-                                      progress=not args.no_progress)
-    print(report.console_summary())
-    print(f"\nReport: {out}")
+                                      progress=not args.no_progress, device_map=args.device_map,
+                                      max_memory=_max_memory(args.max_memory), offload_folder=args.offload_folder)
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # launched ranks: only the main process prints
+        print(report.console_summary())
+        print(f"\nReport: {out}")
     return 0
 
 
@@ -152,6 +201,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 2
@@ -161,7 +211,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return handlers[args.command](args)
     except HfPtqError as exc:
-        print(f"hfptq {args.command}: error: {exc}", file=sys.stderr)
+        import os
+
+        rank = f" [rank {os.environ.get('RANK')}]" if os.environ.get("WORLD_SIZE") else ""
+        print(f"hfptq {args.command}{rank}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hfptq: interrupted", file=sys.stderr)

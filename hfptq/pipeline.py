@@ -230,8 +230,12 @@ def plan_rows(plan) -> List[Dict[str, Any]]:
 
 
 def evaluate_pair(recipe: Recipe, tokenizer, float_model: nn.Module, quantized: nn.Module, *,
-                  progress: bool = True, report: Any = None):
-    """Run the recipe's ``evaluation`` section on both models; fill and return a QualityReport."""
+                  progress: bool = True, report: Any = None, accelerator: Any = None):
+    """Run the recipe's ``evaluation`` section on both models; fill and return a QualityReport.
+
+    ``accelerator`` (an ``accelerate`` state of a multi-process launch) shards the perplexity windows
+    across the processes; every process must run the same ``perplexity`` section.
+    """
     from . import data as hdata
     from .evaluation import (
         QualityReport,
@@ -261,7 +265,8 @@ def evaluate_pair(recipe: Recipe, tokenizer, float_model: nn.Module, quantized: 
     if ev.get("perplexity") is not None and recipe.task == "causal-lm":
         p = ev["perplexity"]
         kw = dict(seq_len=p.get("seq_len", 512), stride=p.get("stride"), batch_size=p.get("batch_size", 1),
-                  bos_token_id=bos, max_windows=p.get("max_windows"), progress=progress)
+                  bos_token_id=bos, max_windows=p.get("max_windows"), progress=progress,
+                  accelerator=accelerator)
         with report.timer("perplexity (float)"):
             ref = perplexity(float_model, ids, **kw)
         with report.timer("perplexity (quantized)"):

@@ -20,13 +20,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 from hfptq.errors import ConfigError, DataError
 from hfptq.evaluation._utils import forward_logits, model_device, progress_bar
+from hfptq.evaluation.distributed import RankFailedError, gather_checked, process_grid
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,66 @@ def _scored_mask(window: _Window, has_bos: bool) -> torch.Tensor:
     return mask
 
 
+def _score_batches(
+    model: torch.nn.Module,
+    ids_cpu: torch.Tensor,
+    windows: list[_Window],
+    batches: list[list[int]],
+    *,
+    has_bos: bool,
+    bos_token_id: Optional[int],
+    progress: bool,
+) -> list[tuple[int, float, int]]:
+    """``(window index, summed NLL, scored tokens)`` for every window of ``batches`` (lists of indices)."""
+    device = model_device(model)
+    # Position j of the model input predicts input position j + 1.
+    offset = 1 if has_bos else 0
+    terms: list[tuple[int, float, int]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch_idx in progress_bar(batches, enabled=progress, desc="perplexity", unit="batch"):
+                batch = [windows[i] for i in batch_idx]
+                rows = []
+                masks = []
+                for w in batch:
+                    chunk = ids_cpu[w.begin : w.end]
+                    if has_bos:
+                        chunk = torch.cat([torch.tensor([bos_token_id], dtype=torch.long), chunk])
+                    rows.append(chunk)
+                    # target mask over model positions 1..L-1 (what logits[:, :-1] predict)
+                    masks.append(torch.cat([torch.zeros(offset, dtype=torch.bool), _scored_mask(w, has_bos)])[1:])
+                inputs = torch.stack(rows).to(device)
+                target_mask = torch.stack(masks)  # [B, L-1]
+                # Only the logits from the first scored target onward are needed: ask the model
+                # for just those (a large saving for sliding windows with big vocabularies).
+                first_scored = int(target_mask.any(0).nonzero()[0]) if target_mask.any() else target_mask.shape[1]
+                keep = inputs.shape[1] - first_scored  # logits positions first_scored .. L-1
+                logits = forward_logits(model, inputs, logits_to_keep=keep)
+                start = inputs.shape[1] - logits.shape[1]  # position of logits[:, 0]
+                if start > first_scored:
+                    raise RuntimeError(
+                        f"model returned {logits.shape[1]} logit positions for {inputs.shape[1]} inputs"
+                    )
+                for b in range(inputs.shape[0]):
+                    pos = target_mask[b].nonzero().squeeze(1)  # logits positions predicting pos + 1
+                    if pos.numel() == 0:
+                        terms.append((batch_idx[b], 0.0, 0))
+                        continue
+                    # Scored positions are one contiguous run (new tokens at the end of the window):
+                    # slice instead of gathering, so no copy of the [positions, vocab] logits is made.
+                    lo, hi = int(pos[0]), int(pos[-1]) + 1
+                    assert hi - lo == pos.numel(), "scored positions must be contiguous"
+                    row_logits = logits[b, lo - start : hi - start].float()
+                    targets = inputs[b, lo + 1 : hi + 1].to(logits.device)
+                    nll = F.cross_entropy(row_logits, targets, reduction="sum")
+                    terms.append((batch_idx[b], float(nll), hi - lo))
+    finally:
+        model.train(was_training)
+    return terms
+
+
 def perplexity(
     model: torch.nn.Module,
     input_ids: torch.LongTensor,
@@ -99,6 +160,7 @@ def perplexity(
     bos_token_id: Optional[int] = None,
     max_windows: Optional[int] = None,
     progress: bool = True,
+    accelerator: Any = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on the 1-D token ids ``input_ids``.
 
@@ -114,7 +176,15 @@ def perplexity(
         batch_size: windows per forward pass.
         bos_token_id: if given, every window is prefixed with this token; BOS is never scored.
         max_windows: evaluate only the first ``max_windows`` windows (quick estimates).
-        progress: show a progress bar.
+        progress: show a progress bar (on the main process only).
+        accelerator: an ``accelerate.Accelerator`` or ``PartialState`` of a multi-process launch
+            (``torchrun``, ``accelerate launch``). Every process must call this with the same
+            ``input_ids`` and arguments; each scores every ``num_processes``-th batch of windows,
+            the per-window NLL sums are gathered and added in window order, so every rank returns
+            the one-process result (bit-identical when each window's forward gives the same
+            logits, e.g. same thread count and kernels). A failure on one rank raises on all
+            (:class:`~hfptq.evaluation.distributed.RankFailedError` naming the rank). ``None``:
+            this process evaluates everything.
 
     Returns:
         A :class:`PerplexityResult`.
@@ -126,6 +196,8 @@ def perplexity(
         >>> bos = tokenizer.bos_token_id if wants_bos(tokenizer) else None
         >>> res = perplexity(model, ids, seq_len=512, bos_token_id=bos)
         >>> print(f"{res.perplexity:.2f} over {res.num_tokens} tokens")
+        >>> # under `torchrun --nproc_per_node 2 script.py`: each rank scores half of the windows
+        >>> res = perplexity(model, ids, seq_len=512, accelerator=accelerate.PartialState(cpu=True))
     """
     if not isinstance(input_ids, torch.Tensor):
         raise DataError(f"input_ids must be a torch.LongTensor of token ids (got {type(input_ids).__name__})")
@@ -159,55 +231,43 @@ def perplexity(
     windows = _plan_windows(num_ids, content_len, stride)
     if max_windows is not None:
         windows = windows[:max_windows]
-    device = model_device(model)
+    rank, world = process_grid(accelerator)
     ids_cpu = input_ids.detach().to("cpu", torch.long)
+    batches = [list(range(i, min(i + batch_size, len(windows)))) for i in range(0, len(windows), batch_size)]
+    # Rank r scores batches r, r + world, ...: every batch is formed exactly as in one process, so
+    # each window's NLL is the same number wherever it is computed.
+    mine = batches[rank::world]
+    error: Optional[BaseException] = None
+    terms: list[tuple[int, float, int]] = []
+    try:
+        terms = _score_batches(model, ids_cpu, windows, mine, has_bos=has_bos, bos_token_id=bos_token_id,
+                               progress=progress and rank == 0)
+    except Exception as exc:  # noqa: BLE001 - reported to the other ranks, then re-raised here
+        if world == 1:
+            raise
+        error = exc
+    if world > 1:
+        setup = {"corpus_tokens": num_ids, "windows": len(windows), "seq_len": seq_len, "stride": stride,
+                 "batch_size": batch_size, "bos": has_bos}
+        payload = {"terms": terms, "setup": setup,
+                   "error": f"{type(error).__name__}: {error}" if error is not None else None}
+        try:
+            payloads = gather_checked(payload, world, "perplexity")
+        except RankFailedError:
+            if error is not None:
+                raise error  # this rank's own exception, with its traceback
+            raise
+        terms = sorted(t for p in payloads for t in p["terms"])
+        if [t[0] for t in terms] != list(range(len(windows))):
+            raise RankFailedError(f"perplexity: the ranks returned windows {[t[0] for t in terms]}, expected each of "
+                                  f"0..{len(windows) - 1} once")
+    # Summed in window order, one float per window: the same additions as one process makes.
     total_nll = 0.0
     total_tokens = 0
-    # Position j of the model input predicts input position j + 1.
-    offset = 1 if has_bos else 0
-
-    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in progress_bar(batches, enabled=progress, desc="perplexity", unit="batch"):
-                rows = []
-                masks = []
-                for w in batch:
-                    chunk = ids_cpu[w.begin : w.end]
-                    if has_bos:
-                        chunk = torch.cat([torch.tensor([bos_token_id], dtype=torch.long), chunk])
-                    rows.append(chunk)
-                    # target mask over model positions 1..L-1 (what logits[:, :-1] predict)
-                    masks.append(torch.cat([torch.zeros(offset, dtype=torch.bool), _scored_mask(w, has_bos)])[1:])
-                inputs = torch.stack(rows).to(device)
-                target_mask = torch.stack(masks)  # [B, L-1]
-                # Only the logits from the first scored target onward are needed: ask the model
-                # for just those (a large saving for sliding windows with big vocabularies).
-                first_scored = int(target_mask.any(0).nonzero()[0]) if target_mask.any() else target_mask.shape[1]
-                keep = inputs.shape[1] - first_scored  # logits positions first_scored .. L-1
-                logits = forward_logits(model, inputs, logits_to_keep=keep)
-                start = inputs.shape[1] - logits.shape[1]  # position of logits[:, 0]
-                if start > first_scored:
-                    raise RuntimeError(
-                        f"model returned {logits.shape[1]} logit positions for {inputs.shape[1]} inputs"
-                    )
-                for b in range(inputs.shape[0]):
-                    pos = target_mask[b].nonzero().squeeze(1)  # logits positions predicting pos + 1
-                    if pos.numel() == 0:
-                        continue
-                    # Scored positions are one contiguous run (new tokens at the end of the window):
-                    # slice instead of gathering, so no copy of the [positions, vocab] logits is made.
-                    lo, hi = int(pos[0]), int(pos[-1]) + 1
-                    assert hi - lo == pos.numel(), "scored positions must be contiguous"
-                    row_logits = logits[b, lo - start : hi - start].float()
-                    targets = inputs[b, lo + 1 : hi + 1].to(logits.device)
-                    nll = F.cross_entropy(row_logits, targets, reduction="sum")
-                    total_nll += float(nll)
-                    total_tokens += hi - lo
-    finally:
-        model.train(was_training)
+    for _, nll, count in terms:
+        if count:
+            total_nll += nll
+            total_tokens += count
 
     if total_tokens == 0:
         raise DataError("no token was scored; use a longer corpus or more windows (max_windows)")
@@ -220,9 +280,9 @@ def perplexity(
         seq_len=seq_len,
         stride=stride,
     )
-    logger.info(
-        "perplexity %.4f (nll %.4f) over %d tokens in %d windows", result.perplexity, mean_nll, total_tokens, len(windows)
-    )
+    if rank == 0:
+        logger.info("perplexity %.4f (nll %.4f) over %d tokens in %d windows", result.perplexity, mean_nll,
+                    total_tokens, len(windows))
     return result
 
 
