@@ -14,13 +14,21 @@ what the CPU does natively. hfptq decides once per process from capability facts
                           prompts, FBGEMM for 1-32 rows (decode). Exact: the reference integers.
   ``fbgemm``              no AVX512-VNNI, but FBGEMM's int8 GEMM gives the exact sums here (a probe
                           checks it, extreme operands included): FBGEMM for every row count. Exact.
-  ``fbgemm-a7``           no AVX512-VNNI and FBGEMM adds pairs of 8-bit products in saturating 16-bit
-                          arithmetic (AVX2 ``vpmaddubsw``): dynamic activations are quantized to
-                          **7 bits** (128 levels instead of 256, as ``reduce_range`` does in torch.ao),
-                          which cannot saturate, so FBGEMM's sums are exact for those operands. The
-                          outputs are exactly the reference math *with 7-bit activations*; they differ
-                          from the 8-bit reference by the coarser activation grid (README *Speed*
-                          gives the measured perplexity). Logged once.
+  ``fbgemm-w7``           no AVX512-VNNI and FBGEMM adds pairs of 8-bit products in saturating 16-bit
+                          arithmetic (AVX2 ``vpmaddubsw``): activations stay 8-bit (dynamic or static)
+                          and the symmetric int8 weights are **re-gridded to 7 bits per output
+                          channel** (:func:`~hfptq.quant.kernels.regrid_weight`: ``[-64, 63]`` times a
+                          per-row factor, the row's full range on the 7-bit grid), which cannot saturate
+                          (``2 * 255 * 64 < 2**15``), so FBGEMM's sums are exact. A runtime derivative:
+                          ``qweight``/``weight_scale`` and saved checkpoints stay 8-bit. The outputs are
+                          exactly the reference math *with the re-gridded weights* (rows whose int8
+                          values fit 7 bits are unchanged); they differ from the 8-bit reference by
+                          the coarser weight grid (README *Speed* gives the measured perplexity).
+                          Logged once.
+  ``fbgemm-a7``           (forced, or where only 7-bit activations are exact) the same CPUs with the
+                          8-bit weights: dynamic activations are quantized to **7 bits** (as
+                          ``reduce_range`` does in torch.ao). Exactly the reference math *with 7-bit
+                          activations*; measured less accurate than ``fbgemm-w7``.
   ``fbgemm-split``        (only when forced) the 8-bit reference's integers on such a CPU: FBGEMM's
                           uint8 input split into a 7-bit half and a low bit, two passes, combined in
                           int32. Exact, but measured at or above FP32's time (two GEMMs plus the
@@ -32,14 +40,17 @@ what the CPU does natively. hfptq decides once per process from capability facts
 
   ``torch._int_mm`` is used on CPU only with AVX512-VNNI: without it torch runs a scalar loop
   (measured 1,154 ms for a ``[512 x 640] x [640 x 2048]`` product on an AVX2-only EPYC, where
-  float32 takes 18 ms). Static activations and asymmetric or 4-bit weights take ``float-exact``
-  under ``fbgemm-a7`` (their 8-bit integers cannot be reduced to 7 bits exactly); asymmetric or
-  4-bit weights also under ``fbgemm`` and ``fbgemm-split``.
+  float32 takes 18 ms). Asymmetric or 4-bit weights take ``float-exact`` under every FBGEMM route;
+  static activations also under ``fbgemm-a7`` (their calibrated 8-bit grid is kept).
 * **FP16-stored modules** (``compute_dtype="auto"``): bfloat16 only where the CPU multiplies it
-  natively (``avx512_bf16`` or ``amx_bf16``), else float32 — emulated bfloat16 is 4-8x slower
-  than float32. The compute-dtype copy of the weight is made once and kept (see
-  :class:`~hfptq.quant.linear.FloatLinear`): in float32 that is twice the FP16 bytes of these
-  modules.
+  natively (``avx512_bf16`` or ``amx_bf16``; oneDNN's prepacked bfloat16 copy, ``bf16-prepacked``),
+  else float32 — emulated bfloat16 is 4-8x slower than float32. In float32 they run
+  ``fbgemm-fp16``: FBGEMM's float16-weight GEMM on a packed float16 copy (as many bytes as the
+  FP16 weight, where a float32 copy took twice that), float32 products and sums: the float32
+  results of ``F.linear`` up to summation order (bound:
+  :func:`~hfptq.quant.kernels.fp16_linear_error_bound`), measured no slower than the float32 copy
+  (README *Speed*). Without FBGEMM, a cached float32 copy (see
+  :class:`~hfptq.quant.linear.FloatLinear`).
 
 Forcing, for tests and comparisons: ``HFPTQ_W8A8_BACKEND=<route>`` or :func:`force_backend`.
 :func:`describe_model` lists what each module kind of a model runs and why; ``hfptq.summary``
@@ -77,7 +88,11 @@ __all__ = [
 ]
 
 #: W8A8 routes, fastest first (see the module docstring).
-W8A8_BACKENDS = ("onednn-vnni", "fbgemm", "fbgemm-split", "fbgemm-a7", "float-exact")
+W8A8_BACKENDS = ("onednn-vnni", "fbgemm", "fbgemm-w7", "fbgemm-split", "fbgemm-a7", "float-exact")
+
+#: Routes that run FBGEMM's int8 GEMM for every row count, and the (activation, weight) bits whose
+#: sums its probe must find exact for them.
+_FBGEMM_ROUTES = {"fbgemm": (8, 8), "fbgemm-w7": (8, 7), "fbgemm-split": (7, 8), "fbgemm-a7": (7, 8)}
 
 #: Feature sets that ``HFPTQ_CPU_FEATURES`` accepts by class name (plus any /proc/cpuinfo flag).
 _CLASSES: Dict[str, Tuple[str, ...]] = {
@@ -232,12 +247,12 @@ def force_backend(name: Optional[str]) -> Iterator[None]:
 def _check_runnable(name: str, field: str) -> None:
     from . import kernels
 
-    if name in ("fbgemm", "fbgemm-split", "fbgemm-a7") and not kernels.fbgemm_linear_available(
-            8 if name == "fbgemm" else 7):
+    if name in _FBGEMM_ROUTES and not kernels.fbgemm_linear_available(*_FBGEMM_ROUTES[name]):
+        a, w = _FBGEMM_ROUTES[name]
         raise ConfigError(
             f"{field}={name!r}: FBGEMM's int8 linear is missing or not exact on this machine for "
-            f"{'8' if name == 'fbgemm' else '7'}-bit operands (probe failed; HFPTQ_FBGEMM=0 also turns it off); "
-            f"use {'fbgemm-split or ' if name == 'fbgemm' else ''}float-exact", key=field)
+            f"{a}-bit activations x {w}-bit weights (probe failed; HFPTQ_FBGEMM=0 also turns it off); "
+            f"use {'fbgemm-w7, fbgemm-split or ' if name == 'fbgemm' else ''}float-exact", key=field)
 
 
 def reset() -> None:
@@ -286,6 +301,10 @@ def _auto_backend() -> Backend:
     why = "no avx512_vnni (torch._int_mm would run a scalar loop)"
     if kernels.fbgemm_linear_available(8):
         return Backend("fbgemm", f"{why}; FBGEMM's int8 GEMM gives the exact 8-bit sums here")
+    if kernels.fbgemm_linear_available(8, 7):
+        return Backend("fbgemm-w7", f"{why}; FBGEMM saturates 16-bit pair sums of 8-bit operands on this CPU, "
+                                    "so the int8 weights are re-gridded to 7 bits per output channel at run "
+                                    "time (8-bit activations; exact math of the re-gridded weights)")
     if kernels.fbgemm_linear_available(7):
         return Backend("fbgemm-a7", f"{why}; FBGEMM saturates 16-bit pair sums of 8-bit operands on this CPU, "
                                     "so activations are quantized to 7 bits (exact 7-bit math)")
@@ -317,7 +336,7 @@ def warn_once(key: str, message: str) -> None:
 def _w8a8_module_route(module) -> Backend:
     """The route of one W8A8 QuantLinear on CPU (the process route, or ``float-exact`` where it cannot apply)."""
     route = w8a8_backend()
-    if route.name in ("fbgemm", "fbgemm-split", "fbgemm-a7"):
+    if route.name in _FBGEMM_ROUTES:
         blockers = []
         if module.weight_bits != 8:
             blockers.append(f"int{module.weight_bits} weights")
@@ -338,12 +357,15 @@ def module_route(module) -> Backend:
     if entry is not None and entry[0] == _generation[0]:
         return entry[1]
     route = _w8a8_module_route(module)
-    if route.name == "fbgemm-a7" and _forced_name() is None and "a7" not in _warned:
-        _warned.add("a7")
+    if route.name in ("fbgemm-a7", "fbgemm-w7") and _forced_name() is None and route.name not in _warned:
+        _warned.add(route.name)
+        what = ("compute with their int8 weights re-gridded to 7 bits per output channel" if route.name == "fbgemm-w7"
+                else "quantize activations to 7 bits")
         logger.warning(
             "hfptq: this CPU has no avx512_vnni and its FBGEMM saturates 8-bit int8 products (%s): W8A8 modules "
-            "quantize activations to 7 bits (fast; numerics differ from the 8-bit reference, see README *Speed*). "
-            "HFPTQ_W8A8_BACKEND=fbgemm-split keeps the 8-bit results at about FP32 speed.", cpu_features().describe())
+            "%s (fast; numerics differ from the 8-bit reference, see README *Speed*). "
+            "HFPTQ_W8A8_BACKEND=fbgemm-split keeps the 8-bit results at about FP32 speed.", cpu_features().describe(),
+            what)
     if route.name == "float-exact" and _forced_name() is None:
         warn_once("float-exact:" + route.reason, (
             f"hfptq: no fast int8 route for some W8A8 modules on this CPU ({cpu_features().describe()}): "
@@ -379,6 +401,9 @@ def module_backend(module, device_type: str = "cpu") -> Backend:
         if cd == storage:
             return Backend(cd_name, f"computes in its storage dtype {cd_name}")
         why = "no native bf16 (avx512_bf16/amx_bf16) on this CPU" if auto else f"compute_dtype={cd_name}"
+        if module.uses_fbgemm_fp16(torch.device(device_type), cd):
+            return Backend("fbgemm-fp16", f"{why}; FBGEMM's float16-weight GEMM (packed float16 copy, float32 "
+                                          "products and sums: F.linear's float32 results up to summation order)")
         copy = "cached" if module.cache_compute_weight else "per-call"
         return Backend(cd_name, f"{why}; {copy} {cd_name} copy of the {str(storage).replace('torch.', '')} weight")
     if isinstance(module, QuantLinear):
@@ -397,11 +422,16 @@ def module_backend(module, device_type: str = "cpu") -> Backend:
 
 @contextlib.contextmanager
 def route_reference_math(model: torch.nn.Module) -> Iterator[None]:
-    """:func:`~hfptq.quant.kernels.reference_math` with the activation bits each module's route really
-    uses: 7 for dynamic W8A8 modules on the ``fbgemm-a7`` route, unchanged elsewhere. Inside the block
-    the model computes the reference formulas of what its fast path computes, so the two are
-    bit-identical on every route (the plain ``reference_math()`` gives the 8-bit reference, which
-    ``fbgemm-a7`` does not reproduce).
+    """:func:`~hfptq.quant.kernels.reference_math` with the operands each module's route really uses: the
+    7-bit re-gridded weights (:meth:`~hfptq.quant.linear.QuantLinear.regridded_weight`) for W8A8 modules
+    on the ``fbgemm-w7`` route, 7-bit activations for dynamic ones on ``fbgemm-a7``, unchanged elsewhere.
+    Inside the block the model computes the reference formulas of what its fast path computes, so the
+    two are bit-identical on every route (the plain ``reference_math()`` gives the 8-bit reference,
+    which ``fbgemm-w7`` and ``fbgemm-a7`` do not reproduce). The re-gridded weights it makes are
+    dropped on exit. FP16-storage modules on ``fbgemm-fp16`` keep running FBGEMM's kernel inside the
+    block: no formula reproduces its summation order (it is within
+    :func:`~hfptq.quant.kernels.fp16_linear_error_bound` of ``F.linear`` on the float32 weight, which
+    ``reference_math()`` alone runs).
 
     Example:
         >>> with route_reference_math(model):       # doctest: +SKIP
@@ -410,20 +440,35 @@ def route_reference_math(model: torch.nn.Module) -> Iterator[None]:
         True
     """
     from .kernels import reference_math
-    from .linear import QuantLinear
+    from .linear import FloatLinear, QuantLinear
 
-    changed = []
+    changed, regridded, kept = [], [], []
     for module in model.modules():
-        if (isinstance(module, QuantLinear) and not module.fake and module.act_mode == "dynamic"
-                and module.qweight.device.type == "cpu" and module_route(module).name == "fbgemm-a7"):
+        if isinstance(module, FloatLinear) and module_backend(module, module.weight.device.type).name == "fbgemm-fp16":
+            kept.append(module)
+            module.__dict__["_hfptq_reference_keeps_kernel"] = True
+        if (not isinstance(module, QuantLinear) or module.fake or module.act_mode == "none"
+                or module.qweight.device.type != "cpu"):
+            continue
+        route = module_route(module).name
+        if route == "fbgemm-a7" and module.act_mode == "dynamic":
             changed.append((module, module.act_bits))
             module.act_bits = min(module.act_bits, 7)
+        elif route == "fbgemm-w7":
+            regridded.append(module)
+            module.__dict__["_hfptq_reference_w7"] = True
     try:
         with reference_math():
             yield
     finally:
         for module, bits in changed:
             module.act_bits = bits
+        for module in kept:
+            module.__dict__.pop("_hfptq_reference_keeps_kernel", None)
+        for module in regridded:
+            module.__dict__.pop("_hfptq_reference_w7", None)
+            module.__dict__.pop("_hfptq_w7_weight", None)
+            module.__dict__.pop("_hfptq_w7_rowsum", None)
 
 
 def _kind_label(module) -> str:

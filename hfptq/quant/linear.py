@@ -19,8 +19,8 @@ reference formulas with fewer passes over memory (see :mod:`hfptq.quant.kernels`
   is chosen per process from the CPU's features (:mod:`hfptq.quant.backends`): with AVX512-VNNI,
   ``torch._int_mm`` (oneDNN) for prompts and FBGEMM's int8 GEMM for at most
   :data:`~hfptq.quant.kernels.FBGEMM_MAX_ROWS` rows (decode, about twice as fast for one row);
-  without VNNI, FBGEMM for every row count (with 7-bit activations where FBGEMM would saturate
-  8-bit ones: route ``fbgemm-a7``). FBGEMM keeps a packed copy of each int8 weight it has served
+  without VNNI, FBGEMM for every row count (where FBGEMM would saturate 8-bit operands, with the int8
+  weights re-gridded to 7 bits per output channel at run time: route ``fbgemm-w7``). FBGEMM keeps a packed copy of each int8 weight it has served
   (made on the first such call; ``HFPTQ_FBGEMM=0`` turns FBGEMM off).
 * Weight-only: the weight is dequantized a tile of rows at a time (cache-sized temporaries
   instead of a full float copy of the weight on every call).
@@ -53,6 +53,9 @@ from .kernels import (
     clear_cached,
     dequant_linear_tiled,
     fast_cast,
+    fbgemm_fp16_linear,
+    fbgemm_fp16_linear_available,
+    fbgemm_fp16_pack,
     fbgemm_int8_linear,
     fbgemm_linear_available,
     fbgemm_pack,
@@ -65,6 +68,8 @@ from .kernels import (
     quantize_fast,
     quantize_per_token_fast,
     quantize_rows_for_fbgemm,
+    regrid_factors,
+    regrid_weight,
     rescale_int32,
     subtract_zero_point_terms,
     tensor_key,
@@ -80,6 +85,12 @@ from .qparams import (
     quantize_weight,
     unpack_int4,
 )
+
+
+def _int8_rowsum(w: torch.Tensor) -> torch.Tensor:
+    """``sum_k w[n, k]`` in int32 of an int8 ``[N, K]`` weight: one small integer GEMM against ones, exact, and
+    no ``[N, K]`` int32/int64 copy (``w.to(int32).sum(1)`` briefly needed 2 GB for Gemma's 262,144 x 640 LM head)."""
+    return int8_matmul(w, torch.ones(8, w.shape[1], dtype=torch.int8, device=w.device))[:, 0].contiguous()
 
 
 def resolve_compute_dtype(setting: str, device: torch.device, storage: torch.dtype) -> torch.dtype:
@@ -208,7 +219,8 @@ class QuantLinear(_DerivedCaches, nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    _CACHE_SLOTS = ("_hfptq_rowsum", "_hfptq_fbgemm", "_hfptq_fbgemm_chunks", "_hfptq_fbgemm_split", "_hfptq_rowsum_f32")
+    _CACHE_SLOTS = ("_hfptq_rowsum", "_hfptq_fbgemm", "_hfptq_fbgemm_chunks", "_hfptq_fbgemm_split", "_hfptq_rowsum_f32",
+                    "_hfptq_w7", "_hfptq_w7_chunks", "_hfptq_w7_weight", "_hfptq_w7_rowsum", "_hfptq_w7_factor")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -326,12 +338,42 @@ class QuantLinear(_DerivedCaches, nn.Module):
                                  bits=self.weight_bits)
         return y.to(x.dtype)
 
-    def _weight_rowsum_for(self, w: torch.Tensor) -> torch.Tensor:
-        """``sum_k W[n, k]`` in int32 of the int8 weight ``w`` (``qweight``), kept while ``qweight`` is unchanged."""
-        # one small integer GEMM against ones: exact, and no [out, in] int32/int64 copy of the weight
-        # (``w.to(int32).sum(1)`` briefly needed 2 GB for Gemma's 262,144 x 640 LM head)
-        return cached_derived(self, "_hfptq_rowsum", self.qweight, lambda _: int8_matmul(
-            w, torch.ones(8, w.shape[1], dtype=torch.int8, device=w.device))[:, 0].contiguous())
+    def _weight_rowsum_for(self, w: torch.Tensor, slot: str = "_hfptq_rowsum") -> torch.Tensor:
+        """``sum_k W[n, k]`` in int32 of the int8 weight ``w`` (``qweight``, or in ``slot="_hfptq_w7_rowsum"``
+        its 7-bit re-gridding), kept while ``qweight`` is unchanged."""
+        return cached_derived(self, slot, self.qweight, lambda _: _int8_rowsum(w))
+
+    def regridded_weight(self) -> tuple:
+        """``(q7 int8 [out, in], scale float32 [out, 1])``: the symmetric int8 weight re-gridded to 7 bits per
+        output channel (:func:`~hfptq.quant.kernels.regrid_weight`; ``scale = weight_scale * factor``), what
+        the ``fbgemm-w7`` route computes with. A runtime derivative: ``qweight``/``weight_scale`` and saved
+        checkpoints keep the 8-bit values. Kept (as large as ``qweight``) while ``qweight`` is unchanged;
+        the fast path itself keeps only FBGEMM's packed copy.
+
+        Example:
+            >>> q = QuantLinear.from_float(torch.nn.Linear(16, 4), {"bits": 8, "symmetric": True,
+            ...                            "granularity": "channel"}, {"mode": "dynamic"})
+            >>> q7, scale7 = q.regridded_weight()
+            >>> int(q7.abs().max()) <= 64
+            True
+        """
+        factor = self._w7_factor()
+        q7 = cached_derived(self, "_hfptq_w7_weight", self.qweight, lambda w: regrid_weight(w, factor=factor)[0])
+        return q7, self.weight_scale * factor
+
+    def _w7_factor(self) -> torch.Tensor:
+        """The row factors of :func:`~hfptq.quant.kernels.regrid_factors`, chosen once per ``qweight`` (every
+        7-bit path of this module, fast or reference, uses these very factors)."""
+        return cached_derived(self, "_hfptq_w7_factor", self.qweight, regrid_factors)
+
+    def _w7_state(self) -> dict:
+        """What the ``fbgemm-w7`` fast path needs, without keeping the re-gridded weight itself: the row
+        factors, FBGEMM's pack of the 7-bit weight, its int32 row sums (made once from one re-gridding)."""
+        def make(w: torch.Tensor) -> dict:
+            factor = self._w7_factor()
+            q7 = regrid_weight(w, factor=factor)[0]
+            return {"factor": factor, "packed": fbgemm_pack(q7), "rowsum": _int8_rowsum(q7)}
+        return cached_derived(self, "_hfptq_w7", self.qweight, make)
 
     def _quantize_input(self, x2: torch.Tensor):
         if self.act_mode == "dynamic":
@@ -341,34 +383,39 @@ class QuantLinear(_DerivedCaches, nn.Module):
         return xq, self.input_scale, zp
 
     def _forward_int8_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The reference W8A8 math, one plain tensor expression per step."""
+        """The reference W8A8 math, one plain tensor expression per step (with the 7-bit re-gridded weight
+        inside :func:`~hfptq.quant.backends.route_reference_math` for modules on route ``fbgemm-w7``)."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xq, xs, xz = self._quantize_input(x2)
-        w = self.int_weight()
+        w7 = self.__dict__.get("_hfptq_reference_w7", False)
+        w, w_scale = self.regridded_weight() if w7 else (self.int_weight(), self.weight_scale)
         acc = int8_matmul(xq, w)
         if xz is not None:
             # (x_q - z) @ W^T = x_q @ W^T - z * rowsum(W)
-            acc = acc - xz.to(torch.int32).reshape(-1, 1) * self._weight_rowsum_for(w).reshape(1, -1)
+            rowsum = self._weight_rowsum_for(w, "_hfptq_w7_rowsum" if w7 else "_hfptq_rowsum")
+            acc = acc - xz.to(torch.int32).reshape(-1, 1) * rowsum.reshape(1, -1)
         if self.weight_zero_point is not None:
             # x_q @ (W - z_w)^T = x_q @ W^T - rowsum(x_q) * z_w (+ K * z_x * z_w when x_q was shifted above)
             zw = self.weight_zero_point.to(torch.int32).reshape(1, -1)
             acc = acc - xq.to(torch.int32).sum(dim=1, keepdim=True) * zw
             if xz is not None:
                 acc = acc + xz.to(torch.int32).reshape(-1, 1) * zw * xq.shape[-1]
-        y = acc.to(torch.float32) * (xs.reshape(-1, 1) if xs.dim() else xs) * self.weight_scale.reshape(1, -1)
+        y = acc.to(torch.float32) * (xs.reshape(-1, 1) if xs.dim() else xs) * w_scale.reshape(1, -1)
         if self.bias is not None:
             y = y + self.bias.to(torch.float32)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def _forward_int8_fast(self, x: torch.Tensor) -> torch.Tensor:
         """Bit-identical to :meth:`_forward_int8_reference` with fewer passes and temporaries, on the
-        route :mod:`hfptq.quant.backends` chose for this CPU. The ``fbgemm-a7`` route (CPUs without
-        VNNI whose FBGEMM saturates 8-bit operands) is bit-identical to the reference math with
-        7-bit activations instead (``act_bits=7``)."""
+        route :mod:`hfptq.quant.backends` chose for this CPU. On CPUs without VNNI whose FBGEMM saturates
+        8-bit operands, route ``fbgemm-w7`` is bit-identical to the reference math with the 7-bit
+        re-gridded weight (:meth:`regridded_weight`) and ``fbgemm-a7`` to it with 7-bit activations
+        (``act_bits=7``): :func:`~hfptq.quant.backends.route_reference_math` runs those references."""
         shape = x.shape
         k = shape[-1]
         rows = x.numel() // k if k else 0
+        route = None
         if x.device.type == "cpu" and rows > 0:
             route = module_route(self).name
             if route == "onednn-vnni":
@@ -379,9 +426,9 @@ class QuantLinear(_DerivedCaches, nn.Module):
                     y = self._forward_int8_fbgemm(x, self.act_bits)
                     if y is not None:
                         return y
-            elif route in ("fbgemm", "fbgemm-split", "fbgemm-a7"):
+            elif route in ("fbgemm", "fbgemm-split", "fbgemm-a7", "fbgemm-w7"):
                 y = self._forward_int8_fbgemm(x, min(self.act_bits, 7) if route == "fbgemm-a7" else self.act_bits,
-                                              split=route == "fbgemm-split")
+                                              split=route == "fbgemm-split", w7=route == "fbgemm-w7")
                 if y is not None:
                     return y
         if self.act_mode == "dynamic":
@@ -392,15 +439,17 @@ class QuantLinear(_DerivedCaches, nn.Module):
         else:
             xs, xz = self.input_scale, self.input_zero_point
             xq = quantize_fast(x.reshape(-1, k), xs, xz, self.act_bits, self.act_symmetric)
-        w = self.int_weight()
+        w7 = route == "fbgemm-w7"  # (here only for inputs holding NaN or infinity)
+        w, w_scale = self.regridded_weight() if w7 else (self.int_weight(), self.weight_scale)
         acc = int8_matmul(xq, w)
         if xz is not None or self.weight_zero_point is not None:
-            rowsum = self._weight_rowsum_for(w) if xz is not None else None
+            rowsum = self._weight_rowsum_for(w, "_hfptq_w7_rowsum" if w7 else "_hfptq_rowsum") if xz is not None else None
             acc = subtract_zero_point_terms(acc, xq, xz, w, self.weight_zero_point, rowsum)
-        y = rescale_int32(acc, xs, self.weight_scale.reshape(1, -1), self.bias, x.dtype)
+        y = rescale_int32(acc, xs, w_scale.reshape(1, -1), self.bias, x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
-    def _forward_int8_fbgemm(self, x: torch.Tensor, bits: int, split: bool = False) -> Optional[torch.Tensor]:
+    def _forward_int8_fbgemm(self, x: torch.Tensor, bits: int, split: bool = False,
+                             w7: bool = False) -> Optional[torch.Tensor]:
         """Through FBGEMM with ``bits``-bit activations: the same quantized input and integer sums as the
         reference with ``act_bits=bits`` (see :func:`~hfptq.quant.kernels.fbgemm_int8_linear`), then
         :func:`rescale_int32`'s steps in place. ``None`` when the input holds NaN or infinity (the caller
@@ -412,7 +461,8 @@ class QuantLinear(_DerivedCaches, nn.Module):
         :func:`~hfptq.quant.kernels.fbgemm_row_zero_point_max_k` are summed in chunks of that width
         (exact float32 partial sums, added in float64, one rounding to float32 at the end: the
         reference's ``acc.to(float32)``); those chunks are a second packed copy. ``split``: the
-        ``fbgemm-split`` route (:meth:`_fbgemm_split_sums`).
+        ``fbgemm-split`` route (:meth:`_fbgemm_split_sums`). ``w7``: the ``fbgemm-w7`` route, the weight
+        re-gridded to 7 bits (:meth:`regridded_weight`; FBGEMM's pack of it is kept instead of the 8-bit one).
         """
         shape = x.shape
         k = shape[-1]
@@ -432,43 +482,54 @@ class QuantLinear(_DerivedCaches, nn.Module):
                 z0 = int(xz.item())
                 xs_shift.sub_(z0)
                 z += z0
+        if w7:
+            state = self._w7_state()
+            w_scale = self.weight_scale * state["factor"]
+        else:
+            w_scale = self.weight_scale
         if split:
             acc = self._fbgemm_split_sums(xs_shift, z, row_zero_points)
-            return rescale_int32(acc, xs, self.weight_scale.reshape(1, -1), self.bias, x.dtype).reshape(
+            return rescale_int32(acc, xs, w_scale.reshape(1, -1), self.bias, x.dtype).reshape(
                 *shape[:-1], self.out_features)
-        width = fbgemm_row_zero_point_max_k(bits)
+        width = fbgemm_row_zero_point_max_k(bits, 7 if w7 else 8)
         if row_zero_points is not None and k > width:
-            return self._rescale_fbgemm(self._fbgemm_chunked(xs_shift, z, width, row_zero_points), xs, x, shape)
-        packed = cached_derived(self, "_hfptq_fbgemm", self.qweight, fbgemm_pack)
+            y = self._fbgemm_chunked(xs_shift, z, width, row_zero_points, w7)
+            return self._rescale_fbgemm(y, xs, x, shape, w_scale)
+        packed = state["packed"] if w7 else cached_derived(self, "_hfptq_fbgemm", self.qweight, fbgemm_pack)
         y = fbgemm_int8_linear(xs_shift, z, packed)
         if row_zero_points is not None:
             # float(sum x_q w) - z * rowsum(W): integers <= 2**24 in magnitude (K <= 1,024), so the one
             # rounding is that of the reference's float(acc - z * rowsum)
-            rowsum = cached_derived(self, "_hfptq_rowsum_f32", self.qweight,
-                                    lambda w: self._weight_rowsum_for(w).to(torch.float32))
+            if w7:
+                rowsum = state["rowsum"].to(torch.float32)
+            else:
+                rowsum = cached_derived(self, "_hfptq_rowsum_f32", self.qweight,
+                                        lambda w: self._weight_rowsum_for(w).to(torch.float32))
             y.addr_(row_zero_points.reshape(-1), rowsum, alpha=-1)
-        return self._rescale_fbgemm(y, xs, x, shape)
+        return self._rescale_fbgemm(y, xs, x, shape, w_scale)
 
-    def _fbgemm_column_packs(self, slot: str, width: int) -> list:
-        """FBGEMM packs of ``qweight``'s chunks of ``width`` input columns, kept in ``slot`` per width while
-        ``qweight`` is unchanged (the width depends on the route's activation bits, which may change)."""
+    def _fbgemm_column_packs(self, slot: str, width: int, w7: bool = False) -> list:
+        """FBGEMM packs of ``qweight``'s (``w7``: its 7-bit re-gridding's) chunks of ``width`` input columns,
+        kept in ``slot`` per width while ``qweight`` is unchanged (the width depends on the route's
+        activation bits, which may change)."""
         by_width = cached_derived(self, slot, self.qweight, lambda w: {})
         if width not in by_width:
-            w = self.qweight
+            w = regrid_weight(self.qweight, factor=self._w7_factor())[0] if w7 else self.qweight
             by_width[width] = [fbgemm_pack(w[:, i:i + width]) for i in range(0, w.shape[1], width)]
         return by_width[width]
 
-    def _fbgemm_chunked(self, xs_shift: torch.Tensor, z: int, width: int, row_zero_points: torch.Tensor) -> torch.Tensor:
+    def _fbgemm_chunked(self, xs_shift: torch.Tensor, z: int, width: int, row_zero_points: torch.Tensor,
+                        w7: bool = False) -> torch.Tensor:
         """``float32(sum_k x_q W - z * rowsum(W))`` for several rows and inputs wider than ``width``: each
         chunk's FBGEMM sum is an exact float32 integer (``<= 2**24``), float64 adds them and the zero-point
         term exactly, and the one conversion to float32 rounds the exact integer as the reference does."""
         k = xs_shift.shape[-1]
-        packs = self._fbgemm_column_packs("_hfptq_fbgemm_chunks", width)
+        packs = self._fbgemm_column_packs("_hfptq_w7_chunks" if w7 else "_hfptq_fbgemm_chunks", width, w7)
         y = None
         for i, packed in zip(range(0, k, width), packs):
             part = fbgemm_int8_linear(xs_shift[:, i:i + width].contiguous(), z, packed).to(torch.float64)
             y = part if y is None else y.add_(part)
-        rowsum = self._weight_rowsum_for(self.qweight).to(torch.float64)
+        rowsum = (self._w7_state()["rowsum"] if w7 else self._weight_rowsum_for(self.qweight)).to(torch.float64)
         y.addr_(row_zero_points.reshape(-1).to(torch.float64), rowsum, alpha=-1)
         return y.to(torch.float32)
 
@@ -500,9 +561,10 @@ class QuantLinear(_DerivedCaches, nn.Module):
             zcol.add_(row_zero_points.reshape(-1).to(torch.int32))
         return acc.addr_(zcol, self._weight_rowsum_for(self.qweight), alpha=-1)
 
-    def _rescale_fbgemm(self, y: torch.Tensor, xs: torch.Tensor, x: torch.Tensor, shape) -> torch.Tensor:
+    def _rescale_fbgemm(self, y: torch.Tensor, xs: torch.Tensor, x: torch.Tensor, shape,
+                        w_scale: torch.Tensor) -> torch.Tensor:
         """:func:`rescale_int32`'s steps, in place on FBGEMM's float32 sums ``y``."""
-        y.mul_(xs).mul_(self.weight_scale.reshape(1, -1))
+        y.mul_(xs).mul_(w_scale.reshape(1, -1))
         if self.bias is not None:
             y.add_(self.bias if self.bias.dtype == torch.float32 else self.bias.to(torch.float32))
         if y.dtype != x.dtype:
@@ -535,12 +597,14 @@ class FloatLinear(_DerivedCaches, nn.Module):
     forward and reused while the weight is unchanged (in-place writes and reassignment are
     detected). Trade-off: a bfloat16 copy beside the FP16 storage doubles the resident bytes of
     these modules (Gemma 3 270M default plan: +59 MB, 297 -> 356 MB against 1,072 MB in FP32),
-    while the bytes read per token stay those of one 16-bit matrix; a float32 copy (CPUs without
-    native bfloat16) triples them (+118 MB, 297 -> 415 MB, still well below FP32) and each token
-    reads the 32-bit copy, as FP32 does: converting per call instead would re-read and re-write the
-    matrix on every call, slower than FP32 for one token. Set
-    ``FloatLinear.cache_compute_weight = False`` (class-wide) or on one instance to convert per
-    call instead. Outputs are bit-identical either way.
+    while the bytes read per token stay those of one 16-bit matrix. On CPUs without native
+    bfloat16 (float32 compute) the copy is FBGEMM's packed float16 weight instead
+    (``fbgemm-fp16``: same bytes as the FP16 weight, float32 products and sums, results within
+    :func:`~hfptq.quant.kernels.fp16_linear_error_bound` of ``F.linear`` on the float32 weight,
+    measured no slower than a float32 copy); where FBGEMM is missing, a float32 copy, which triples
+    the bytes (+118 MB, 297 -> 415 MB). Set ``FloatLinear.cache_compute_weight = False``
+    (class-wide) or on one instance to convert per call instead (no copy; slower than FP32 for one
+    token). Outputs are bit-identical with and without the bfloat16/float32 copies.
 
     Example:
         >>> lin = FloatLinear.from_float(torch.nn.Linear(64, 32), torch.float16)
@@ -550,7 +614,16 @@ class FloatLinear(_DerivedCaches, nn.Module):
 
     #: Keep the compute-dtype copy of the weight between calls (see the class docstring).
     cache_compute_weight: bool = True
-    _CACHE_SLOTS = ("_hfptq_weight_cache", "_hfptq_bias_cache", "_hfptq_packed_cache")
+    _CACHE_SLOTS = ("_hfptq_weight_cache", "_hfptq_bias_cache", "_hfptq_packed_cache", "_hfptq_fp16_packed")
+
+    def uses_fbgemm_fp16(self, x_device: torch.device, compute_dtype: torch.dtype) -> bool:
+        """Whether this module computes through FBGEMM's float16-weight GEMM: float16 storage that
+        ``compute_dtype="auto"`` computes in float32 on this CPU (no native bfloat16), with the compute copy
+        cached, where :func:`~hfptq.quant.kernels.fbgemm_fp16_linear_available`. An explicit
+        ``compute_dtype="float32"`` keeps ``F.linear`` on a float32 copy (bit-identical to the reference)."""
+        return (compute_dtype == torch.float32 and self.compute_dtype_setting == "auto"
+                and self.storage_dtype == torch.float16 and x_device.type == "cpu"
+                and self.cache_compute_weight and fbgemm_fp16_linear_available())
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
                  storage_dtype: torch.dtype = torch.float16, compute_dtype: str = "auto",
@@ -581,11 +654,21 @@ class FloatLinear(_DerivedCaches, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cd = resolve_compute_dtype(self.compute_dtype_setting, x.device, self.storage_dtype)
-        if not fast_path_enabled():
+        fast = fast_path_enabled()
+        if not fast and not self.__dict__.get("_hfptq_reference_keeps_kernel"):
             bias = None if self.bias is None else self.bias.to(cd)
             return F.linear(x.to(cd), self.weight.to(cd), bias).to(x.dtype)
         w, bias = self.weight, self.bias
         xc = x if x.dtype == cd else prepared_input(("cast", cd), x, lambda t: t.to(cd))
+        if self.uses_fbgemm_fp16(x.device, cd):
+            # FBGEMM's float16-weight GEMM: the same float32 products as F.linear on the float32 copy, summed in
+            # another order (within kernels.fp16_linear_error_bound), at half the copy's bytes and no slower
+            packed = cached_derived(self, "_hfptq_fp16_packed", w, fbgemm_fp16_pack)
+            k = xc.shape[-1]
+            y = fbgemm_fp16_linear(xc.reshape(-1, k), packed).reshape(*xc.shape[:-1], self.out_features)
+            if bias is not None:
+                y.add_(cached_cast(self, "_hfptq_bias_cache", bias, cd))
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         if (cd == torch.bfloat16 and self.cache_compute_weight and x.device.type == "cpu"
                 and packed_bf16_linear_available()):
             # oneDNN's prepacked layout: F.linear's numbers (checked by the probe), no reorder per call
