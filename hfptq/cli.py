@@ -17,6 +17,7 @@ EPILOG = """examples:
   hfptq run recipes/default.yaml --data-dir ../shared/data --quick
   hfptq plan recipes/int4-g128.yaml                   # print the per-module plan, quantize nothing
   hfptq eval outputs/gemma3-270m-default/model --recipe recipes/default.yaml
+  hfptq eval outputs/gemma3-270m-default/model --processes 2   # perplexity windows shared by 2 processes
   hfptq recipes                                       # list the built-in recipes
 
 Offline datasets: --data-dir DIR (or HFPTQ_DATA_DIR=DIR) maps the Hub datasets named in recipes

@@ -14,6 +14,10 @@ The last window is moved back so that it ends exactly at the end of the corpus a
 context; only its new tokens are scored, so every token is scored at most once and all windows
 have the same length (which makes batching trivial). The negative log-likelihood is averaged
 over all scored tokens (token-weighted, not a mean of per-window means).
+
+With ``accelerator=`` (several processes launched by ``torchrun`` / ``accelerate launch``) each
+process scores every ``num_processes``-th batch; the per-window sums are gathered and added in
+window order (see :mod:`hfptq.evaluation.distributed`).
 """
 from __future__ import annotations
 

@@ -153,7 +153,8 @@ def evaluate_checkpoint(
         hf_logging.disable_progress_bar()  # one set of loading bars (the main process's) is enough
         # Only the perplexity windows are shared out; the main process runs the rest alone.
         loaded = copy.deepcopy(loaded)
-        loaded.evaluation = {"perplexity": loaded.evaluation["perplexity"]} if loaded.evaluation.get("perplexity") else {}
+        ppl = loaded.evaluation.get("perplexity")
+        loaded.evaluation = {"perplexity": ppl} if ppl is not None else {}
     auto = _auto_class(loaded.task)
     dtype = _DTYPES[loaded.model.get("dtype", "float32")]
     reference_path = resolve_model(reference or loaded.model.get("name_or_path"))
