@@ -405,7 +405,7 @@ def render(result: Dict[str, Any]) -> str:
         peak = _peak(row)
         path = ("offloaded, calibrated" if row.get("offloaded") else
                 "streamed" if row["streamed"] else "float first")
-        estimate = (row.get("offload") or {}).get("estimate", {}).get("total_bytes")
+        estimate = (row.get("offload") or {}).get("estimate", {}).get("peak_bytes")
         lines.append(
             f"| {row['config']} | {path} | {_gb(peak)} | **{peak / float_bytes:.2f}x** | "
             f"{_gb(row['quantized_bytes'])} | {row['quantized_bytes'] / float_bytes:.2f}x | "

@@ -88,7 +88,7 @@ def convert_model(
     weight_qparams = weight_qparams or {}
     todo = [e for e in plan if e.precision != "skip" and not e.tied_to]
     check_float_storage(model, todo, weights)  # before any module is swapped: a refusal leaves the model as it was
-    if not todo:
+    if not todo and not any(e.tied_to for e in plan):  # (tied entries alone: converted below)
         logger.warning(
             "hfptq: the plan skips every module (%d planned), so nothing is quantized and the model stays float. Check "
             "the rules, scheme and modules_to_not_convert (hfptq plan prints the plan).", len(plan.entries)

@@ -480,6 +480,12 @@ class OffloadEstimate:
     float_layer: int
     calibration: int
     float_model: int
+    process: int = 0  # resident before quantizing (VmRSS): interpreter, libraries, the model's in-memory part
+
+    @property
+    def peak(self) -> int:
+        """Expected peak resident memory of the process: what it held before + :attr:`total`."""
+        return self.process + self.total
 
     @property
     def total(self) -> int:
@@ -488,13 +494,14 @@ class OffloadEstimate:
     def describe(self) -> str:
         from .utils import format_bytes
 
-        return (f"~{format_bytes(self.total, digits=1)} peak ({self.total / max(1, self.float_model):.2f}x the float "
-                f"model's {format_bytes(self.float_model, digits=1)}): quantized model "
-                f"{format_bytes(self.quantized_model, digits=1)} + one float layer {format_bytes(self.float_layer, digits=1)}"
-                f" + calibration {format_bytes(self.calibration, digits=1)}")
+        return (f"peak ~{format_bytes(self.peak, digits=1)} ({self.peak / max(1, self.float_model):.2f}x the float "
+                f"model's {format_bytes(self.float_model, digits=1)}): {format_bytes(self.process, digits=1)} resident now + "
+                f"quantized model {format_bytes(self.quantized_model, digits=1)} + one float layer "
+                f"{format_bytes(self.float_layer, digits=1)} + calibration {format_bytes(self.calibration, digits=1)}")
 
     def to_dict(self) -> Dict[str, int]:
-        return {"total_bytes": self.total, "quantized_model_bytes": self.quantized_model,
+        return {"peak_bytes": self.peak, "process_bytes": self.process, "total_bytes": self.total,
+                "quantized_model_bytes": self.quantized_model,
                 "float_layer_bytes": self.float_layer, "calibration_bytes": self.calibration,
                 "float_model_bytes": self.float_model}
 
@@ -507,7 +514,7 @@ def estimate_offloaded_memory(model: nn.Module, plan: Plan, config: HfPtqConfig,
     Example:
         >>> est = estimate_offloaded_memory(model, resolve_plan(model, cfg), cfg, (4, 128))   # doctest: +SKIP
         >>> print(est.describe())                                                               # doctest: +SKIP
-        ~3.9 GiB peak (0.69x the float model's 5.6 GiB): quantized model 3.6 GiB + ...
+        peak ~2.7 GiB (0.48x the float model's 5.6 GiB): 392.1 MiB resident now + quantized model 2.0 GiB + ...
     """
     from .architectures import find_decoder_layers
     from .calibration import _model_dtype, estimate_calibration_memory
@@ -535,8 +542,10 @@ def estimate_offloaded_memory(model: nn.Module, plan: Plan, config: HfPtqConfig,
         calibration = estimate_calibration_memory(model, plan, config, int(calibration_shape[0]),
                                                   int(calibration_shape[1]), layers=layers,
                                                   sequential=layers is not None).total
+    from .calibration import _read_status_bytes
+
     return OffloadEstimate(quantized_model=quantized, float_layer=layer_bytes, calibration=calibration,
-                           float_model=float_bytes)
+                           float_model=float_bytes, process=_read_status_bytes("VmRSS") or 0)
 
 
 def offload_blocker(plan: Plan) -> Optional[str]:
@@ -551,6 +560,81 @@ def offload_blocker(plan: Plan) -> Optional[str]:
             return (f"{entry.name}: the Hadamard rotation is folded into the float weights of the whole model before "
                     "calibration")
     return None
+
+
+#: Offloaded models: weights above this many elements are quantized in blocks of rows of about this size
+#: (float32 temporaries of 4 MB instead of several copies of the whole weight).
+OFFLOAD_BLOCK_ELEMENTS = 1 << 20
+
+
+def _in_blocks(module: nn.Module, entry: ModuleSpec) -> bool:
+    """Whether ``entry`` is converted block of rows by block of rows (:func:`_quant_linear_in_blocks`)."""
+    from .architectures import is_quantizable_linear
+
+    weights = entry.weights or {}
+    return (entry.quantized and entry.kind != "embedding" and isinstance(module, nn.Linear)
+            and is_quantizable_linear(module) and module.weight.numel() > OFFLOAD_BLOCK_ELEMENTS
+            and weights.get("granularity", "channel") in ("channel", "group")
+            and weights.get("observer") in (None, "minmax"))
+
+
+@torch.no_grad()
+def _quant_linear_in_blocks(module: nn.Module, entry: ModuleSpec, config: HfPtqConfig, weight: Optional[torch.Tensor],
+                            input_qparams: Optional[tuple], weight_qparams: Optional[tuple]) -> nn.Module:
+    """``QuantLinear.from_float`` with its float32 temporaries bounded by :data:`OFFLOAD_BLOCK_ELEMENTS` weights.
+
+    ``from_float`` quantizes the whole weight at once in float32 (an LM head of 98 M weights adds
+    over 1 GB of temporaries to the peak); here ``quantize_weight`` runs on blocks of rows. Channel
+    and group scales depend on their own row only, so the tensors are those of ``from_float``.
+    """
+    from .errors import CalibrationError
+    from .quant.linear import QuantLinear
+    from .quant.qparams import pack_int4, quantize_weight
+
+    w = module.weight.detach() if weight is None else weight
+    out_features, in_features = w.shape
+    bias = module.bias
+    q = QuantLinear(in_features, out_features, bias is not None, weight_args=entry.weights, act_args=entry.activations,
+                    fake=config.mode == "fake", compute_dtype=config.compute_dtype,
+                    dtype=bias.dtype if bias is not None else None, device=w.device)
+    block = max(1, OFFLOAD_BLOCK_ELEMENTS // max(1, in_features))
+    # written straight into the module's own buffers where set_weight would store the same dtype and shape
+    full: Dict[str, torch.Tensor] = {}
+    own = {"qweight": q.qweight, "weight_scale": q.weight_scale, "weight_zero_point": q.weight_zero_point}
+    for start in range(0, out_features, block):
+        stop = min(out_features, start + block)
+        scale = zp = None
+        if weight_qparams is not None:
+            scale, zp = weight_qparams
+            scale, zp = scale[start:stop], None if zp is None else zp[start:stop]
+        qb, sb, zb = quantize_weight(w[start:stop], q.weight_bits, q.weight_symmetric, q.weight_granularity,
+                                     q.group_size, scale=scale, zero_point=zp)
+        parts = {"qweight": pack_int4(qb) if q.weight_bits == 4 else qb, "weight_scale": sb, "weight_zero_point": zb}
+        for name, part in parts.items():
+            if part is None:
+                continue
+            if name not in full:
+                shape = (out_features,) + tuple(part.shape[1:])
+                mine = own.get(name)
+                fits = mine is not None and tuple(mine.shape) == shape and mine.dtype == part.dtype
+                full[name] = mine if fits else torch.empty(shape, dtype=part.dtype, device=part.device)
+            full[name][start:stop] = part
+        del qb, sb, zb, parts
+    # as QuantLinear.set_weight stores them
+    if full["qweight"] is not q.qweight:
+        q.qweight.data = full["qweight"].to(q.qweight.device)
+    if full["weight_scale"] is not q.weight_scale:
+        q.weight_scale.data = full["weight_scale"].to(q.weight_scale.device)
+    if "weight_zero_point" in full and full["weight_zero_point"] is not q.weight_zero_point:
+        q.weight_zero_point.data = full["weight_zero_point"].to(q.weight_scale.device)
+    q.clear_cache()
+    if bias is not None:
+        q.bias.data.copy_(bias.detach())
+    if q.act_mode == "static":
+        if input_qparams is None:
+            raise CalibrationError(f"{entry.name}: static activations need input_qparams measured by calibration")
+        q.set_input_qparams(*input_qparams)
+    return q
 
 
 def _refuse_offloaded_plan(plan: Plan) -> None:
@@ -587,13 +671,31 @@ class _LayerByLayer:
         return [e for e in self.plan if e.precision != "skip" and (inside is None or not e.name.startswith(inside))]
 
     def _convert(self, entries: list, input_qparams: Mapping, weights: Mapping, weight_qparams: Mapping) -> None:
-        from .convert import convert_model
+        from .convert import _drop_tied_keys, _set_module, convert_model
 
         if not entries:
             return
-        convert_model(self.model, Plan(entries, self.plan.preset, self.plan.model_type), fake=self.config.mode == "fake",
-                      compute_dtype=self.config.compute_dtype, input_qparams=input_qparams, weights=weights,
-                      weight_qparams=weight_qparams, progress=False)
+        rest = []
+        for entry in entries:  # large weights (LM head, FFN): float32 temporaries of one block of rows at a time
+            module = self.model.get_submodule(entry.name)
+            if entry.tied_to or not _in_blocks(module, entry):
+                rest.append(entry)
+                continue
+            if weights.get(entry.name) is not None and not any(
+                    p is module.weight for n, p in self.model.named_parameters(remove_duplicate=False)
+                    if not n.startswith(f"{entry.name}.")):
+                # quantized from the steps' replacement weight: the module's own float weight (not shared) can go now
+                module.weight.data = torch.empty(0, dtype=module.weight.dtype)
+            new = _quant_linear_in_blocks(module, entry, self.config, weights.get(entry.name),
+                                          input_qparams.get(entry.name), weight_qparams.get(entry.name))
+            _set_module(self.model, entry.name, new)
+            del module, new
+            _trim_heap()
+        if rest:
+            convert_model(self.model, Plan(rest, self.plan.preset, self.plan.model_type),
+                          fake=self.config.mode == "fake", compute_dtype=self.config.compute_dtype,
+                          input_qparams=input_qparams, weights=weights, weight_qparams=weight_qparams, progress=False)
+        _drop_tied_keys(self.model, Plan(entries))
         _trim_heap()
 
     # ---- the engine's hooks
@@ -726,13 +828,16 @@ def quantize_offloaded(
         run = CalibrationRun(model, plan, config, calibration_data, progress, (), default_steps(config))
         run.layer_hooks = driver
         result = run.run()
+        del run
     driver.finish(result)
+    info = getattr(result, "info", None)
+    del result  # the steps' float replacement weights (a smoothed LM head in float32) go before the copies below
     release_checkpoint_mapping(model)
     config.plan = plan.to_dict()
     attach_plan(model, plan)
     mark_quantized(model, config, plan)
     model.hfptq_bytes_before = bytes_before
-    model.hfptq_calibration = getattr(result, "info", None)
+    model.hfptq_calibration = info
     model.hfptq_seconds = time.perf_counter() - started
     from .calibration import _read_status_bytes
 

@@ -87,9 +87,19 @@ def _assert_in_memory(model) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(PLANS))
-def test_offloaded_quantization_at_load_equals_the_in_memory_one(folder, text_file, tmp_path, name):
+@pytest.mark.parametrize("chunk", [None, 1000], ids=["whole", "row-blocks"])
+def test_offloaded_quantization_at_load_equals_the_in_memory_one(folder, text_file, tmp_path, name, chunk, monkeypatch):
+    if chunk is not None:  # every weight converted in blocks of 1000 // 64 = 15 rows (large weights are, on real models)
+        monkeypatch.setattr("hfptq.offload.OFFLOAD_BLOCK_ELEMENTS", chunk)
+    from hfptq import offload
+
+    blockwise = []
+    original = offload._quant_linear_in_blocks
+    monkeypatch.setattr(offload, "_quant_linear_in_blocks", lambda m, e, *a: blockwise.append(e.name) or original(m, e, *a))
     config = PLANS[name](_calibration(text_file))
     offloaded = _load(folder, config, device_map=DISK_MAP, offload_folder=str(tmp_path / "off"))
+    integer = [e.name for e in offloaded.hfptq_plan if e.quantized and e.kind != "embedding"]
+    assert sorted(blockwise) == (sorted(integer) if chunk else [])
     reference = _load(folder, PLANS[name](_calibration(text_file)))
     _assert_same_model(offloaded, reference)
     _assert_in_memory(offloaded)
@@ -106,6 +116,22 @@ def test_offloaded_quantization_at_load_equals_the_in_memory_one(folder, text_fi
     again = _load(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(again(_ids(again)).logits, reference(_ids(reference)).logits)
+
+
+def test_tied_model_wholly_on_disk_with_a_quantized_embedding(tmp_path_factory, text_file, tmp_path, monkeypatch):
+    """Tied LM head and embedding, SmoothQuant on the head group (the embedding divides by the factors), everything on
+    disk, weights converted in row blocks: still the in-memory result."""
+    monkeypatch.setattr("hfptq.offload.OFFLOAD_BLOCK_ELEMENTS", 1000)
+    tied = tiny_llama_dir(tmp_path_factory.mktemp("tied"), tie=True, layers=2)
+    config = lambda: HfPtqConfig(scheme={"embedding": "int8"}, activations="static",  # noqa: E731
+                                 smoothquant={"alpha": 0.5, "groups": ["qkv", "gate_up", "down", "head"]},
+                                 calibration=_calibration(text_file))
+    model = _load(tied, config(), device_map={"": "disk"}, offload_folder=str(tmp_path / "off"))
+    reference = _load(tied, config())
+    assert any(g["group"] == "head" and g["status"] == "smoothed"
+               for record in reference.hfptq_calibration["smoothquant"].values() for g in record["groups"])
+    _assert_same_model(model, reference)
+    _assert_in_memory(model)
 
 
 def test_device_map_auto_with_max_memory_calibrates_offloaded(folder, text_file, tmp_path):

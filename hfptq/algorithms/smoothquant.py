@@ -281,7 +281,10 @@ def _scale_consumers(consumers: Sequence[nn.Module], s: torch.Tensor) -> None:
         for module in consumers:
             weight = weight_out_in(module)
             factor = s.to(device=weight.device, dtype=torch.float32).view(1, -1)
-            weight.copy_((weight.float() * factor).to(weight.dtype))
+            if weight.dtype == torch.float32:  # the same product, without a weight-sized temporary (LM head: 393 MB)
+                weight.mul_(factor)
+            else:
+                weight.copy_((weight.float() * factor).to(weight.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,7 +481,9 @@ def _smooth_group(layer, layer_name, plan, absmax, opts, group: SmoothGroup, inp
             f"Non-finite activation maximum at the input of {record['consumers']}: the calibration forward produced "
             "inf/NaN. Check the model dtype (run calibration in float32) and the calibration data."
         )
-    w_abs = torch.stack([weight_out_in(c).detach().float().abs().amax(dim=0).cpu() for c in consumers]).amax(dim=0)
+    # max |w| per input channel as max(max w, -min w): exact, and no weight-sized |w| temporary
+    w_abs = torch.stack([torch.maximum(w.amax(dim=0), w.amin(dim=0).neg()).float().cpu()
+                         for w in (weight_out_in(c).detach() for c in consumers)]).amax(dim=0)
 
     # the factors of a given alpha: SmoothQuant's max-ratio formula, or activation-aware (set below)
     scales_for = lambda a: smoothing_scales(act, w_abs, a, opts["min_scale"], opts["max_scale"])  # noqa: E731
@@ -614,7 +619,8 @@ def smooth_head(
     holder = nn.Module()
     holder.norm = norm
     holder.lm_head = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-    holder.lm_head.weight = nn.Parameter(w.float().clone(), requires_grad=False)  # the copy that gets scaled
+    # the copy that gets scaled: one float32 copy (``float().clone()`` of a bf16 head made two, +1 copy at the peak)
+    holder.lm_head.weight = nn.Parameter(w.to(torch.float32, copy=True), requires_grad=False)
     group = SmoothGroup("head", "norm", ("lm_head",), norm_offset=norm_offset)
     record = _smooth_group(holder, "", {"lm_head": entry}, {"lm_head": act_absmax}, opts, group,
                            None if inputs is None else {"lm_head": inputs}, keep_scales=True,
