@@ -15,9 +15,17 @@ thread (process CPU time, configurations alternated, medians), with the shapes r
 model's ``config.json``, and prints each as a ratio to the FP32 prefill. The sum of the kernels is
 a lower bound for the plan: no norm, activation, rotary, quantization or rescale op is counted.
 
+``--breakdown fp32,hfptq-default,hfptq-int8`` instead times the real prefill of each
+``benchmarks/speed.py`` configuration and splits its process CPU time by module group with forward
+hooks: attention projections, the rest of the attention block (SDPA, rotary, q/k norms), FFN
+projections, LM head, and everything else (norms, embedding, residuals). On a CPU without VNNI
+(emulate one with the variables of ``benchmarks/speed.py``) this shows where the default plan's
+prefill time goes with the kernels it really runs there.
+
 Run::
 
     python benchmarks/prefill_floor.py [--model PATH] [--prompt-len 512] [--repeats 5] [--json out.json]
+    python benchmarks/prefill_floor.py --breakdown fp32,hfptq-default,hfptq-int8 [--json out.json]
 """
 from __future__ import annotations
 
@@ -111,7 +119,71 @@ def measure(path: str, prompt_len: int, repeats: int, warmup: int) -> Dict[str, 
             "model": path, "prompt_len": prompt_len, "repeats": repeats, "warmup": warmup, "cpu_s": med}
 
 
+#: Module groups of :func:`breakdown`, by the end of the module's name.
+GROUPS = (("attention projections", ("q_proj", "k_proj", "v_proj", "o_proj")),
+          ("ffn projections", ("gate_proj", "up_proj", "down_proj")), ("lm head", ("lm_head",)),
+          ("attention block", ("self_attn",)))
+
+
+def breakdown(path: str, configs: List[str], prompt_len: int, repeats: int, warmup: int) -> Dict[str, object]:
+    """Process CPU time of one ``[1, prompt_len]`` prefill per configuration, split by module group (hooks)."""
+    torch.set_num_threads(1)
+    out: Dict[str, Dict[str, float]] = {}
+    for name in configs:
+        model = speed.build(name, path, torch.device("cpu"), False)
+        ids = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+        spent: Dict[str, float] = {}
+        started: Dict[str, float] = {}
+        for mod_name, module in model.named_modules():
+            group = next((g for g, ends in GROUPS if mod_name.endswith(ends)), None)
+            if group is None:
+                continue
+            module.register_forward_pre_hook(lambda m, a, n=mod_name: started.__setitem__(n, time.process_time()))
+            module.register_forward_hook(lambda m, a, r, n=mod_name, g=group: spent.__setitem__(
+                g, spent.get(g, 0.0) + time.process_time() - started[n]))
+        rounds = []
+        with torch.inference_mode():
+            for r in range(warmup + repeats):
+                spent.clear()
+                t0 = time.process_time()
+                model(input_ids=ids, logits_to_keep=1)
+                if r >= warmup:
+                    rounds.append(dict(spent, total=time.process_time() - t0))
+        med = {k: statistics.median(x.get(k, 0.0) for x in rounds) for k in rounds[0]}
+        row = {"attention projections": med.get("attention projections", 0.0),
+               "sdpa, rotary, q/k norms": med.get("attention block", 0.0) - med.get("attention projections", 0.0),
+               "ffn projections": med.get("ffn projections", 0.0), "lm head": med.get("lm head", 0.0)}
+        row["other (norms, embedding, residuals)"] = med["total"] - sum(row.values())
+        row["total"] = med["total"]
+        out[name] = row
+        print(f"#   {name}: {row}", file=sys.stderr, flush=True)
+        del model
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu_model": speed.cpu_model(), "torch": torch.__version__,
+            **speed.cpu_facts(), "model": path, "prompt_len": prompt_len, "repeats": repeats, "warmup": warmup,
+            "breakdown_cpu_s": out}
+
+
+def render_breakdown(result: Dict[str, object]) -> str:
+    rows = result["breakdown_cpu_s"]
+    names = list(rows)
+    base = rows["fp32"]["total"] if "fp32" in rows else None
+    lines = [f"# prefill time by module group, {result['date']}: CPU {result['cpu_model']} "
+             f"({result.get('cpu_capability', '?')}), torch {result['torch']}, one thread, process CPU ms, "
+             f"medians of {result['repeats']} rounds; prompt [1, {result['prompt_len']}]"
+             + (f"; EMULATED: {result['emulation_env']}" if result.get("emulation_env") else ""),
+             "", "| group | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for group in rows[names[0]]:
+        cells = []
+        for n in names:
+            v = rows[n][group]
+            cells.append(f"{v * 1e3:,.0f}" + (f" ({v / base:.2f}x)" if base else ""))
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render(result: Dict[str, object]) -> str:
+    if "breakdown_cpu_s" in result:
+        return render_breakdown(result)
     med = result["cpu_s"]
     base = med["fp32 prefill"]
     lines = [
@@ -140,9 +212,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", default=None, help="also write the raw numbers here")
     p.add_argument("--render", default=None, metavar="JSON", help="print the table of an earlier --json file")
+    p.add_argument("--breakdown", default=None, metavar="CONFIGS",
+                   help="comma-separated benchmarks/speed.py configurations: split their real prefill by module group")
     args = p.parse_args(argv)
     if args.render:
         result = json.loads(Path(args.render).read_text())
+    elif args.breakdown:
+        result = breakdown(args.model or speed.default_model_path(), args.breakdown.split(","), args.prompt_len,
+                           args.repeats, args.warmup)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
     else:
         result = measure(args.model or speed.default_model_path(), args.prompt_len, args.repeats, args.warmup)
         if args.json:

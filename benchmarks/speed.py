@@ -13,10 +13,12 @@ What is measured
   torch.ao-dynamic      ``torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, qint8)``, the
                         classic recipe (FBGEMM, per-tensor activations); CPU only
   hfptq-default         ``HfPtqConfig()``: attention FP16 storage (bfloat16 compute on CPUs with
-                        native bfloat16, else float32), FFN + LM head W8A8 (int8 per-channel
-                        weights, dynamic per-token int8 activations; with VNNI ``torch._int_mm``
-                        and FBGEMM for up to 32 rows such as a decode step, without VNNI FBGEMM,
-                        see ``hfptq.quant.backends``), tied embedding reads the LM head's int8
+                        native bfloat16, else FBGEMM's float16-weight GEMM in float32), FFN + LM
+                        head W8A8 (int8 per-channel weights, dynamic per-token int8 activations;
+                        with VNNI ``torch._int_mm`` and FBGEMM for up to 32 rows such as a decode
+                        step, without VNNI FBGEMM, with the weights re-gridded to 7 bits where
+                        FBGEMM saturates: see ``hfptq.quant.backends``), tied embedding reads the
+                        LM head's int8
   hfptq-recipe          the plan of ``recipes/default.yaml`` (``HfPtqConfig()`` plus ``down_proj``'s
                         input rotated in Hadamard blocks of 128), without its SmoothQuant step
                         (which only rescales weights and norms: same kernels, no calibration run)
@@ -58,7 +60,9 @@ What is measured
   and the logits of 16 greedy decode steps are bit-identical between the fast path and the
   reference math of the route each module runs
   (:func:`hfptq.quant.backends.route_reference_math`: the same as the 8-bit reference except on
-  the ``fbgemm-a7`` route of CPUs without VNNI, whose reference has 7-bit activations).
+  the ``fbgemm-w7`` / ``fbgemm-a7`` routes of CPUs without VNNI, whose references have 7-bit
+  re-gridded weights / 7-bit activations; FP16-storage modules on ``fbgemm-fp16`` keep FBGEMM's
+  kernel there, which differs from ``F.linear`` only in summation order).
 
 Run::
 
@@ -373,7 +377,7 @@ def perplexity_rows(models: Dict[str, torch.nn.Module], args: argparse.Namespace
                 fast = model(input_ids=check).logits
                 with route_reference_math(model):  # the reference of what each module's route computes
                     ref = model(input_ids=check).logits
-                with reference_math():  # the 8-bit reference (differs from the route on fbgemm-a7)
+                with reference_math():  # the 8-bit reference (differs from the route on fbgemm-w7/-a7)
                     if ids is not None:
                         row["ppl_ref"] = _ppl(model, ids, args, bos)
             row["identical"] = bool(torch.equal(fast, ref))
@@ -390,8 +394,8 @@ def perplexity_rows(models: Dict[str, torch.nn.Module], args: argparse.Namespace
 
 def _decode_logits(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> Tuple[tuple, tuple]:
     """Greedy decode logits of every step, with the fast path and with the reference math of the route
-    each module runs (:func:`hfptq.quant.backends.route_reference_math`: 7-bit activations on the
-    ``fbgemm-a7`` route, the 8-bit reference elsewhere)."""
+    each module runs (:func:`hfptq.quant.backends.route_reference_math`: 7-bit re-gridded weights on
+    ``fbgemm-w7``, 7-bit activations on ``fbgemm-a7``, the 8-bit reference elsewhere)."""
     from hfptq.evaluation.latency import fixed_length_generation_config
     from hfptq.quant.backends import route_reference_math
 
@@ -600,6 +604,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="tuned: hfptq.quant.kernels.tune_cpu_allocator() first (glibc keeps freed memory instead of "
                         "page-faulting it back in; helps every configuration)")
     p.add_argument("--no-cpu-phase", action="store_true", help="skip the 1-thread process-CPU-time phase")
+    p.add_argument("--no-wall-phase", action="store_true",
+                   help="skip the wall-clock phase (meaningless on a machine shared with other jobs)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration subprocesses")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 1 round, no warm-up round, 128-token prompts, 8 new tokens, 1 ppl window")
@@ -672,7 +678,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     result["backends"] = {name: describe_model(m) for name, m in models.items() if name.startswith("hfptq-")}
     result["perplexity"] = perplexity_rows(models, args, args.model, device)
-    result["wall_phase"] = run_phase(models, args, device, args.threads, "wall")
+    if not args.no_wall_phase:
+        result["wall_phase"] = run_phase(models, args, device, args.threads, "wall")
     if not args.no_cpu_phase and device.type == "cpu":
         result["cpu_phase"] = run_phase(models, args, device, 1, "cpu")
     names = list(models)

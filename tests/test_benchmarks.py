@@ -36,6 +36,12 @@ def test_prefill_floor_kernels_run_with_the_model_shapes_and_the_floor_is_their_
     table = floor.render(result)
     assert "| **floor, default plan (sdpa + ffn int8 + attention bf16)** | 900 | **0.45x** |" in table
     assert "| **floor, all-int8 plan (sdpa + ffn int8 + attention int8)** | 600 | **0.30x** |" in table
+    groups = {"attention projections": 0.3, "ffn projections": 0.5, "total": 1.0}
+    bd = floor.render({"date": "d", "cpu_model": "c", "torch": "t", "prompt_len": 16, "repeats": 1,
+                       "emulation_env": {"HFPTQ_CPU_FEATURES": "avx2"},
+                       "breakdown_cpu_s": {"fp32": groups, "hfptq-default": dict(groups, total=0.6)}})
+    assert "| group | fp32 | hfptq-default |" in bd and "EMULATED" in bd
+    assert "| total | 1,000 (1.00x) | 600 (0.60x) |" in bd
 
 
 def test_speed_renders_the_identity_of_prompt_and_decode():

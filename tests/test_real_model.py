@@ -80,7 +80,7 @@ def test_default_plan_with_int8_lm_head(gemma):
 
     # decode: one row per step, served by FBGEMM where it is exact here; every step's logits are the
     # reference int8 math's, bit for bit
-    # (the reference of the route this CPU runs: 7-bit activations on fbgemm-a7, see hfptq.quant.backends)
+    # (the reference of the route this CPU runs: 7-bit re-gridded weights on fbgemm-w7, see hfptq.quant.backends)
     from hfptq.quant.backends import route_reference_math, w8a8_backend
     from hfptq.quant.kernels import fbgemm_linear_available
 
@@ -93,5 +93,6 @@ def test_default_plan_with_int8_lm_head(gemma):
     assert torch.equal(fast.sequences, slow.sequences)
     assert all(torch.equal(a, b) for a, b in zip(fast.logits, slow.logits)) and len(fast.logits) == 8
     route = w8a8_backend().name
-    uses_fbgemm = fbgemm_linear_available() if route == "onednn-vnni" else route in ("fbgemm", "fbgemm-a7")
-    assert ("_hfptq_fbgemm" in q.lm_head.__dict__) == uses_fbgemm
+    uses_fbgemm = fbgemm_linear_available() if route == "onednn-vnni" else route in ("fbgemm", "fbgemm-a7", "fbgemm-w7")
+    slot = "_hfptq_w7" if route == "fbgemm-w7" else "_hfptq_fbgemm"  # fbgemm-w7 packs the 7-bit re-gridded weight
+    assert (slot in q.lm_head.__dict__) == uses_fbgemm
