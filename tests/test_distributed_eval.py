@@ -96,7 +96,7 @@ def test_eval_with_two_processes_equals_one_process(tiny, one_process_report, tm
     stdout, stderr = capfd.readouterr()
     assert rc == 0, stderr[-4000:]
     two = json.loads((out / "report.json").read_text())
-    assert two["perplexity"]["num_windows"] == 7  # 4 batches of 2 windows: ranks 0 and 1 score 2 each
+    assert two["perplexity"]["num_windows"] == 7  # 4 batches (the last holds 1 window): 2 per rank
     assert two["perplexity"] == one_process_report["perplexity"]  # bit-identical, NLLs included
     assert stdout.count("hfptq quality report") == 1  # only the main process prints
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ev-two"]  # no staging folder left
@@ -196,7 +196,7 @@ def test_ranks_combine_in_window_order_and_fail_together(tiny, tmp_path):
         expected = perplexity(_tiny_lm(), _corpus(), **PPL_ARGS).to_dict()
     finally:
         torch.set_num_threads(threads)
-    assert expected["num_windows"] == 20  # 10 batches: each rank scored 5
+    assert expected["num_windows"] == 20  # 10 batches of 2 windows: 5 per rank
     for record in ranks:
         assert record["world"] == 2
         assert record["result"] == expected  # every rank returns the one-process number, bit for bit
