@@ -498,7 +498,7 @@ class QuantLinear(_DerivedCaches, nn.Module):
         packed = state["packed"] if w7 else cached_derived(self, "_hfptq_fbgemm", self.qweight, fbgemm_pack)
         y = fbgemm_int8_linear(xs_shift, z, packed)
         if row_zero_points is not None:
-            # float(sum x_q w) - z * rowsum(W): integers <= 2**24 in magnitude (K <= 1,024), so the one
+            # float(sum x_q w) - z * rowsum(W): integers <= 2**24 in magnitude (K <= width), so the one
             # rounding is that of the reference's float(acc - z * rowsum)
             if w7:
                 rowsum = state["rowsum"].to(torch.float32)
