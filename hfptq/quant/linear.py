@@ -87,10 +87,18 @@ from .qparams import (
 )
 
 
+#: Rows of an int8 weight summed at a time by :func:`_int8_rowsum` (a 16,384 x 640 block is 40 MiB in int32).
+_ROWSUM_ROWS = 16384
+
+
 def _int8_rowsum(w: torch.Tensor) -> torch.Tensor:
-    """``sum_k w[n, k]`` in int32 of an int8 ``[N, K]`` weight: one small integer GEMM against ones, exact, and
-    no ``[N, K]`` int32/int64 copy (``w.to(int32).sum(1)`` briefly needed 2 GB for Gemma's 262,144 x 640 LM head)."""
-    return int8_matmul(w, torch.ones(8, w.shape[1], dtype=torch.int8, device=w.device))[:, 0].contiguous()
+    """``sum_k w[n, k]`` in int32 of an int8 ``[N, K]`` weight, exact, in blocks of :data:`_ROWSUM_ROWS` rows:
+    never an ``[N, K]`` int32/float32 copy (for Gemma's 262,144 x 640 LM head that was 640 MiB-2 GiB of
+    transient memory, e.g. the float32 copy ``int8_matmul`` makes on CPUs without VNNI)."""
+    out = torch.empty(w.shape[0], dtype=torch.int32, device=w.device)
+    for start in range(0, w.shape[0], _ROWSUM_ROWS):
+        out[start:start + _ROWSUM_ROWS] = w[start:start + _ROWSUM_ROWS].sum(dim=1, dtype=torch.int32)
+    return out
 
 
 def resolve_compute_dtype(setting: str, device: torch.device, storage: torch.dtype) -> torch.dtype:
