@@ -292,7 +292,11 @@ def measure_child(path: str, config_name: str) -> Dict[str, Any]:
     # smoke forward without FloatLinear's bfloat16 copy of the FP16 weights (+1.4 GB on the 3 B model:
     # an inference-speed cache, not part of quantizing)
     FloatLinear.cache_compute_weight = False
-    with torch.no_grad():
+    from hfptq.quant.kernels import reference_math
+
+    # ... and with the reference formulas: the fast kernels' packed copies of the integer weights (FBGEMM's,
+    # +2 GB for static W8A8 on every linear) are inference caches too, and would not fit the cap of the load
+    with torch.no_grad(), reference_math():
         logits = model(torch.tensor([[1, 2, 3]])).logits
     return {
         "config": config_name, "expr": expr, "load_wall_s": wall, "load_cpu_s": cpu,
