@@ -139,7 +139,7 @@ def streaming_blocker(config: HfPtqConfig, plan: Plan) -> Optional[str]:
         >>> from hfptq.plan import Plan
         >>> streaming_blocker(HfPtqConfig(), Plan([])) is None
         True
-        >>> streaming_blocker(HfPtqConfig(activations="static", calibration={"dataset": "x"}), Plan([]))
+        >>> streaming_blocker(HfPtqConfig(smoothquant={"alpha": 0.5}, calibration={"dataset": "x"}), Plan([]))
         'the plan needs calibration (static activations, SmoothQuant or GPTQ)'
     """
     from .api import needs_calibration
