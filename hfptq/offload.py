@@ -416,6 +416,38 @@ def _remove_hook(module: nn.Module) -> None:
         del module.__dict__["forward"]
 
 
+def shared_parameters(model: nn.Module) -> list:
+    """Groups of parameter names that name one shared parameter (tied weights), e.g. the embedding and LM head.
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 2); seq = torch.nn.Sequential(lin, torch.nn.Linear(2, 2))
+        >>> seq[1].weight = lin.weight
+        >>> shared_parameters(seq)
+        [['0.weight', '1.weight']]
+    """
+    names: Dict[int, list] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _tie_loaded(model: nn.Module, groups: list) -> None:
+    """Where one name of a tied group is loaded and others are still offloaded, point those at the loaded one.
+
+    accelerate's hooks replace an offloaded parameter by a new meta tensor after each forward, which
+    unties it on the meta device; tying by name keeps the float table loaded once.
+    """
+    for group in groups:
+        params = {name: model.get_parameter(name) for name in group}
+        loaded = next((p for p in params.values() if p.device.type != "meta"), None)
+        if loaded is None:
+            continue
+        for name, param in params.items():
+            if param.device.type == "meta":
+                path, _, leaf = name.rpartition(".")
+                (model.get_submodule(path) if path else model)._parameters[leaf] = loaded
+
+
 def materialize(module: nn.Module) -> int:
     """Bring every offloaded weight under ``module`` into memory for good and drop accelerate's hooks there.
 
@@ -661,6 +693,7 @@ class _LayerByLayer:
 
         self.model, self.plan, self.config, self.progress = model, plan, config, progress
         self.layers = find_decoder_layers(model)
+        self.ties = shared_parameters(model)  # tied weights (embedding / LM head) load once and stay tied
         self.done: set = set()
         self.float_loaded = 0  # bytes of offloaded weights brought into memory
 
@@ -698,9 +731,14 @@ class _LayerByLayer:
         _drop_tied_keys(self.model, Plan(entries))
         _trim_heap()
 
+    def _materialize(self, module: nn.Module) -> None:
+        _tie_loaded(self.model, self.ties)
+        self.float_loaded += materialize(module)
+        _tie_loaded(self.model, self.ties)
+
     # ---- the engine's hooks
     def enter(self, run: Any, index: int) -> None:
-        self.float_loaded += materialize(self.layers[1][index])
+        self._materialize(self.layers[1][index])
 
     def leave(self, run: Any, index: int) -> None:
         from .architectures import weight_out_in
@@ -737,7 +775,7 @@ class _LayerByLayer:
             if inside is not None and (name + ".").startswith(inside):
                 continue
             if any(h.offload and h.weights_map is not None for h in _align_hooks(module)):
-                self.float_loaded += materialize(module)
+                self._materialize(module)
 
     def finish(self, result: Any) -> None:
         input_qparams = getattr(result, "input_qparams", None) or {}
@@ -748,7 +786,7 @@ class _LayerByLayer:
             todo = [i for i in range(len(stack)) if i not in self.done]
             for index in tqdm(todo, desc="hfptq: converting offloaded layers", disable=not self.progress or not todo,
                               leave=False):
-                self.float_loaded += materialize(stack[index])
+                self._materialize(stack[index])
                 entries = self._entries(f"{name}.{index}.")
                 self._convert(entries, input_qparams, {n: weights.pop(n) for n in list(weights)
                                                        if n.startswith(f"{name}.{index}.")}, weight_qparams)

@@ -118,20 +118,33 @@ def test_offloaded_quantization_at_load_equals_the_in_memory_one(folder, text_fi
         assert torch.equal(again(_ids(again)).logits, reference(_ids(reference)).logits)
 
 
-def test_tied_model_wholly_on_disk_with_a_quantized_embedding(tmp_path_factory, text_file, tmp_path, monkeypatch):
-    """Tied LM head and embedding, SmoothQuant on the head group (the embedding divides by the factors), everything on
-    disk, weights converted in row blocks: still the in-memory result."""
+TIED = {
+    # the embedding reads the smoothed head's integers and divides by the factors
+    "quantized-embedding-smoothed-head": dict(scheme={"embedding": "int8"}, activations="static",
+                                              smoothquant={"alpha": 0.5, "groups": ["qkv", "gate_up", "down", "head"]}),
+    # the float head stays tied to the float embedding (one table in memory, as when loaded without offload)
+    "float-tied-head": dict(scheme={"lm_head": "skip"}, activations="static"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TIED))
+def test_tied_model_wholly_on_disk(tmp_path_factory, text_file, tmp_path, monkeypatch, name):
+    """Tied LM head and embedding, everything on disk, weights converted in row blocks: the in-memory result, and
+    the tied table is loaded once (accelerate's hooks untie it on the meta device after each forward)."""
     monkeypatch.setattr("hfptq.offload.OFFLOAD_BLOCK_ELEMENTS", 1000)
     tied = tiny_llama_dir(tmp_path_factory.mktemp("tied"), tie=True, layers=2)
-    config = lambda: HfPtqConfig(scheme={"embedding": "int8"}, activations="static",  # noqa: E731
-                                 smoothquant={"alpha": 0.5, "groups": ["qkv", "gate_up", "down", "head"]},
-                                 calibration=_calibration(text_file))
+    config = lambda: HfPtqConfig(calibration=_calibration(text_file), **TIED[name])  # noqa: E731
     model = _load(tied, config(), device_map={"": "disk"}, offload_folder=str(tmp_path / "off"))
     reference = _load(tied, config())
-    assert any(g["group"] == "head" and g["status"] == "smoothed"
-               for record in reference.hfptq_calibration["smoothquant"].values() for g in record["groups"])
-    _assert_same_model(model, reference)
+    if name == "float-tied-head":
+        assert reference.lm_head.weight is reference.model.embed_tokens.weight
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    else:
+        assert any(g["group"] == "head" and g["status"] == "smoothed"
+                   for record in reference.hfptq_calibration["smoothquant"].values() for g in record["groups"])
+    _assert_same_model(model, reference)  # also the bytes (hfptq.summary): a broken tie would hold two tables
     _assert_in_memory(model)
+    assert model.hfptq_offload["float_bytes_loaded"] <= model.hfptq_offload["estimate"]["float_model_bytes"]
 
 
 def test_device_map_auto_with_max_memory_calibrates_offloaded(folder, text_file, tmp_path):
