@@ -84,7 +84,8 @@ def load_models(recipe: Recipe, model_path: str, config: HfPtqConfig, *, progres
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         started = time.perf_counter()
-        float_model = auto.from_pretrained(model_path, **kwargs).eval()
+        with _transformers_progress(progress):
+            float_model = auto.from_pretrained(model_path, **kwargs).eval()
     except OSError as exc:  # includes huggingface_hub's "not a valid repo id" / offline misses
         raise _unloadable("model.name_or_path", model_path, exc) from exc
     float_load = time.perf_counter() - started
@@ -92,8 +93,11 @@ def load_models(recipe: Recipe, model_path: str, config: HfPtqConfig, *, progres
     if calib is not None and calib.get("tokenizer") is None:
         calib["tokenizer"] = model_path
     started = time.perf_counter()
+    from .quantizer import load_progress
+
     try:
-        quantized = auto.from_pretrained(model_path, quantization_config=config, **kwargs).eval()
+        with load_progress(progress), _transformers_progress(progress):
+            quantized = auto.from_pretrained(model_path, quantization_config=config, **kwargs).eval()
     except OSError as exc:  # the float model loaded just above: what failed is what calibration loads
         raise ConfigError(
             f"Quantizing {model_path} failed to load a file ({exc}). Check calibration.tokenizer "
@@ -101,6 +105,21 @@ def load_models(recipe: Recipe, model_path: str, config: HfPtqConfig, *, progres
         ) from exc
     quant_load = time.perf_counter() - started
     return tokenizer, float_model, quantized, float_load, quant_load
+
+
+@contextlib.contextmanager
+def _transformers_progress(enabled: bool) -> Iterator[None]:
+    """Transformers' loading bars off inside the block when ``enabled`` is False (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled and was:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not hf_logging.is_progress_bar_enabled():
+            hf_logging.enable_progress_bar()
 
 
 def _known_models() -> List[str]:
@@ -412,7 +431,7 @@ def run_recipe(
         if not Path(str(recipe.model.get("name_or_path") or "")).exists() and not model:
             quantized.hfptq_base_model = recipe.model.get("name_or_path")
         try:
-            with report.timer("save"):
+            with report.timer("save"), _transformers_progress(progress):
                 quantized.save_pretrained(model_dir, max_shard_size=recipe.output.get("max_shard_size") or "2GB",
                                           **export_options(recipe.output))
                 tokenizer.save_pretrained(model_dir)

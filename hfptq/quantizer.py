@@ -8,13 +8,34 @@
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+import contextvars
+from typing import Any, Iterator, Optional
 
 import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from .config import QUANT_METHOD, HfPtqConfig
+
+_LOAD_PROGRESS: "contextvars.ContextVar[bool]" = contextvars.ContextVar("hfptq_load_progress", default=True)
+
+
+@contextlib.contextmanager
+def load_progress(enabled: bool) -> Iterator[None]:
+    """Show (``True``, the default) or hide hfptq's progress bars while ``from_pretrained(...,
+    quantization_config=HfPtqConfig(...))`` calibrates and converts inside the ``with`` block
+    (Transformers' own loading bar is :func:`transformers.utils.logging.disable_progress_bar`'s).
+
+    Example:
+        >>> with load_progress(False):                                                        # doctest: +SKIP
+        ...     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=HfPtqConfig())
+    """
+    token = _LOAD_PROGRESS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _LOAD_PROGRESS.reset(token)
 
 
 class HfPtqQuantizer(HfQuantizer):
@@ -86,11 +107,11 @@ class HfPtqQuantizer(HfQuantizer):
         from .offload import is_offloaded, quantize_offloaded
 
         if is_offloaded(model):  # a device_map with "disk" (or CPU offload): one decoder layer in memory at a time
-            quantize_offloaded(model, self.quantization_config)
+            quantize_offloaded(model, self.quantization_config, progress=_LOAD_PROGRESS.get())
         else:
             from .api import quantize_model
 
-            quantize_model(model, self.quantization_config)
+            quantize_model(model, self.quantization_config, progress=_LOAD_PROGRESS.get())
         mark_quantized(model, self.quantization_config)
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:

@@ -51,6 +51,8 @@ def test_console_script_run_and_eval(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "hfptq quality report" in proc.stdout and "perplexity" in proc.stdout
+    # --no-progress: no bar anywhere, the calibration's and conversion's inside from_pretrained included
+    assert "%|" not in proc.stderr and "calibrating" not in proc.stderr, proc.stderr[-3000:]
     assert (out / "report" / "report.json").exists() and (out / "model" / "model.safetensors").exists()
     proc = subprocess.run([sys.executable, "-m", "hfptq.cli", "eval", str(out / "model"), "--reference", str(folder),
                            "--quick", "--no-progress", "--output", str(tmp_path / "ev"), "--data-dir", str(shared_data_dir())],
