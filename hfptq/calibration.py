@@ -697,6 +697,7 @@ class CalibrationRun:
         self.pending: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (model tensor, new value)
         self.smoothed: Dict[str, nn.Module] = {}  # planned linears whose weight a step changed
         self.plan_updates: List[Tuple[Any, Any]] = []  # (embedding entry tied to a smoothed head, 1 / s)
+        self.smoothed_heads: List[str] = []  # heads whose smoothed weight a step handed over in ``weights``
         # an offloaded model (hfptq.offload): ``enter(run, index)`` brings a decoder layer's weights into memory
         # before its work, ``leave(run, index)`` commits and quantizes it after, ``before_tail(run)`` loads the rest
         self.layer_hooks: Optional[Any] = None
@@ -1121,6 +1122,13 @@ class CalibrationRun:
         self.plan_updates = []
         for full, module in self.smoothed.items():
             self.weights[full] = weight_out_in(module).detach()
+        # recorded in the plan (and checkpoint): on CPUs whose FBGEMM saturates, a module whose weight a step
+        # scaled (SmoothQuant moved activation outliers into it) takes 7-bit activations, not 7-bit weights
+        for full in [*self.smoothed, *self.smoothed_heads]:
+            entry = self.plan.get(full)
+            if entry is not None:
+                entry.extra["smoothed"] = True
+        self.smoothed_heads = []
         logger.info("hfptq calibration done in %.1f s (peak RSS %s)", seconds, format_bytes(peak, digits=1))
         return CalibrationResult(input_qparams=input_qparams, weights=dict(self.weights),
                                  weight_qparams=dict(self.weight_qparams), info=info)

@@ -103,6 +103,7 @@ def convert_model(
                 weight=weights.get(entry.name), input_qparams=input_qparams.get(entry.name),
                 weight_qparams=weight_qparams.get(entry.name),
             )
+            new.smoothed = bool(entry.extra.get("smoothed"))
         else:
             new = FloatLinear.from_float(module, _FLOAT_DTYPES[entry.precision], compute_dtype)
             if entry.name in weights:
@@ -202,6 +203,7 @@ def build_skeleton(model: nn.Module, plan: Plan, *, fake: bool = False, compute_
             new = QuantLinear(entry.in_features, entry.out_features, entry.has_bias, weight_args=entry.weights,
                               act_args=entry.activations, fake=fake, compute_dtype=compute_dtype, dtype=model_dtype,
                               device=device)
+            new.smoothed = bool(entry.extra.get("smoothed"))
         else:
             new = FloatLinear(entry.in_features, entry.out_features, entry.has_bias,
                               storage_dtype=_FLOAT_DTYPES[entry.precision], compute_dtype=compute_dtype, device=device)

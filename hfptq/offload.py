@@ -758,6 +758,9 @@ class _LayerByLayer:
         run.pending = kept
         for full in [n for n in run.smoothed if n.startswith(prefix)]:
             run.weights[full] = weight_out_in(run.smoothed.pop(full)).detach()
+            entry = run.plan.get(full)
+            if entry is not None:  # as run() marks it at the end (the route where FBGEMM saturates depends on it)
+                entry.extra["smoothed"] = True
         entries = self._entries(prefix)
         names = {e.name for e in entries}
         input_qparams, _ = _frozen_qparams({n: s for n, s in run.slots.items() if n in names})

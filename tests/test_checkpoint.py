@@ -708,3 +708,21 @@ def test_gemma_default_plan_save_reload_fresh_process(tmp_path):
     """, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "EQUAL True" in proc.stdout
+
+
+def test_smoothquant_marks_the_modules_it_scaled_and_the_mark_survives_reload(load_tiny, tmp_path):
+    """The plan records which W8A8 modules SmoothQuant scaled (``extra["smoothed"]``): their route on a CPU whose
+    FBGEMM saturates depends on it (hfptq.quant.backends), so a reload must carry it."""
+    from transformers import AutoModelForCausalLM
+
+    model = load_tiny("llama")
+    cfg = HfPtqConfig(smoothquant={"alpha": 0.5, "groups": ["gate_up"]}, calibration={"dataset": "hand-made"})
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    hfptq.quantize_model(model, cfg, calibration_data=ids, progress=False)
+    flags = {name: m.smoothed for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert flags and all(flags[n] == n.endswith(("gate_proj", "up_proj")) for n in flags), flags
+    for name, flag in flags.items():
+        assert model.hfptq_plan[name].extra.get("smoothed", False) == flag
+    model.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert {name: m.smoothed for name, m in again.named_modules() if isinstance(m, QuantLinear)} == flags

@@ -219,6 +219,7 @@ def smoothed_tied_head(tmp_path_factory, load_tiny):
     ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
     hfptq.quantize_model(model, cfg, calibration_data=ids, progress=False)
     assert "embed_channel_scale" in model.hfptq_plan["model.embed_tokens"].extra
+    assert model.hfptq_plan["lm_head"].extra.get("smoothed") is True and model.lm_head.smoothed  # the head's route
     folder = tmp_path_factory.mktemp("smoothed") / "g"
     model.save_pretrained(folder)
     return folder

@@ -817,6 +817,7 @@ class SmoothQuantStep(CalibrationStep):
         if weight is None:
             return []
         run.weights[head_name] = weight
+        run.smoothed_heads.append(head_name)
         inverse = (1.0 / scales.double()).tolist()
         for e in run.plan:  # the embedding shares the head's integers (W * s): its lookups are divided by s
             if e.tied_to == head_name:

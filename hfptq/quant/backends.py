@@ -334,7 +334,10 @@ def warn_once(key: str, message: str) -> None:
 
 
 def _w8a8_module_route(module) -> Backend:
-    """The route of one W8A8 QuantLinear on CPU (the process route, or ``float-exact`` where it cannot apply)."""
+    """The route of one W8A8 QuantLinear on CPU (the process route, or ``float-exact`` where it cannot apply;
+    on ``fbgemm-w7`` CPUs, ``fbgemm-a7`` for dynamic modules whose weights SmoothQuant scaled)."""
+    from . import kernels
+
     route = w8a8_backend()
     if route.name in _FBGEMM_ROUTES:
         blockers = []
@@ -347,6 +350,11 @@ def _w8a8_module_route(module) -> Backend:
         if blockers:
             return Backend("float-exact", f"{' and '.join(blockers)} cannot take the {route.name} route; "
                                           f"exact float matmul of the integers")
+        if (route.name == "fbgemm-w7" and _forced_name() is None and module.act_mode == "dynamic"
+                and getattr(module, "smoothed", False) and kernels.fbgemm_linear_available(7, 8)):
+            return Backend("fbgemm-a7", "no avx512_vnni and FBGEMM saturates 8-bit x 8-bit pair sums; SmoothQuant "
+                                        "moved activation outliers into this module's weights, so 7-bit activations "
+                                        "cost less than 7-bit weights here (exact 7-bit math)")
     return route
 
 

@@ -202,6 +202,9 @@ class QuantLinear(_DerivedCaches, nn.Module):
         self.input_rotation = int(act_args.get("rotation") or 0)
         self.fake = fake
         self.compute_dtype_setting = compute_dtype
+        #: a calibration step (SmoothQuant) scaled this weight: set from the plan entry's ``extra["smoothed"]``;
+        #: chooses ``fbgemm-a7`` over ``fbgemm-w7`` where FBGEMM saturates (see hfptq.quant.backends)
+        self.smoothed = False
         rows = 1 if self.weight_granularity == "tensor" else out_features
         groups = in_features // self.group_size if self.weight_granularity == "group" else 1
         if self.weight_bits == 4:

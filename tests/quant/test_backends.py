@@ -552,3 +552,33 @@ def test_route_reference_math_reproduces_every_route_on_a_model(load_tiny, tiny_
         assert torch.equal(fast, ref8) == (route not in ("fbgemm-a7", "fbgemm-w7")), route
         # the 7-bit re-gridded weights made for the reference are dropped again
         assert not any("_hfptq_w7_weight" in m.__dict__ for m in model.modules()), route
+
+
+@pytest.mark.parametrize("acts", ["dynamic-asym", "static-asym"])
+def test_smoothed_dynamic_modules_take_7bit_activations_where_fbgemm_saturates(monkeypatch, acts):
+    """SmoothQuant moves activation outliers into the weights, so on a saturating FBGEMM its modules take
+    7-bit activations (``fbgemm-a7``) instead of 7-bit weights; static ones keep ``fbgemm-w7`` (their
+    calibrated 8-bit grid cannot be halved), unsmoothed ones too, and forcing a route wins. Each is
+    bit-identical to its route's reference."""
+    _emulate(monkeypatch, "avx2")
+    _saturating_fbgemm(monkeypatch)
+    assert backends.w8a8_backend().name == "fbgemm-w7"
+    plain, smoothed = _quant(acts), _quant(acts)
+    smoothed.smoothed = True
+    want = "fbgemm-a7" if acts.startswith("dynamic") else "fbgemm-w7"
+    assert backends.module_backend(plain).name == "fbgemm-w7"
+    assert backends.module_backend(smoothed).name == want
+    if want == "fbgemm-a7":
+        assert "SmoothQuant" in backends.module_backend(smoothed).reason
+    x = _x(5, 96)
+    for module in (plain, smoothed):
+        route = backends.module_backend(module).name
+        with torch.no_grad():
+            fast = module(x)
+        with torch.no_grad(), reference_math():
+            assert torch.equal(fast, _reference_for(module, route)(x))
+        model = nn.Sequential(module)
+        with torch.no_grad(), backends.route_reference_math(model):
+            assert torch.equal(model(x), fast)
+    with force_backend("fbgemm-w7"):
+        assert backends.module_backend(smoothed).name == "fbgemm-w7"
