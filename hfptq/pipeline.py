@@ -328,7 +328,7 @@ def evaluate_pair(recipe: Recipe, tokenizer, float_model: nn.Module, quantized: 
         p = ev["layer_error"]
         sample = _windows(ids, p.get("num_samples", 2), p.get("seq_len", 256), bos)
         with report.timer("layer error"):
-            report.set_layer_errors(layer_errors(float_model, quantized, sample, names))
+            report.set_layer_errors(layer_errors(float_model, quantized, sample, names, progress=progress))
     if ev.get("sensitivity") is not None and names and ids is not None:
         p = ev["sensitivity"]
         sample = _windows(ids, p.get("num_samples", 1), p.get("seq_len", 256), bos)
