@@ -25,7 +25,9 @@ what the CPU does natively. hfptq decides once per process from capability facts
                           values fit 7 bits are unchanged); they differ from the 8-bit reference by
                           the coarser weight grid (README *Speed* gives the measured perplexity).
                           Logged once.
-  ``fbgemm-a7``           (forced, or where only 7-bit activations are exact) the same CPUs with the
+  ``fbgemm-a7``           (forced, where only 7-bit activations are exact, or, on ``fbgemm-w7`` CPUs,
+                          for dynamic modules whose weights SmoothQuant scaled: it moved the activation
+                          outliers into them, so 7-bit weights cost more there) the same CPUs with the
                           8-bit weights: dynamic activations are quantized to **7 bits** (as
                           ``reduce_range`` does in torch.ao). Exactly the reference math *with 7-bit
                           activations*; measured less accurate than ``fbgemm-w7``.
