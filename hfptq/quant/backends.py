@@ -30,7 +30,7 @@ what the CPU does natively. hfptq decides once per process from capability facts
                           outliers into them, so 7-bit weights cost more there) the same CPUs with the
                           8-bit weights: dynamic activations are quantized to **7 bits** (as
                           ``reduce_range`` does in torch.ao). Exactly the reference math *with 7-bit
-                          activations*; measured less accurate than ``fbgemm-w7``.
+                          activations*; measured less accurate than ``fbgemm-w7`` for modules SmoothQuant did not scale.
   ``fbgemm-split``        (only when forced) the 8-bit reference's integers on such a CPU: FBGEMM's
                           uint8 input split into a 7-bit half and a low bit, two passes, combined in
                           int32. Exact, but measured at or above FP32's time (two GEMMs plus the
