@@ -702,6 +702,21 @@ class CalibrationRun:
         # before its work, ``leave(run, index)`` commits and quantizes it after, ``before_tail(run)`` loads the rest
         self.layer_hooks: Optional[Any] = None
 
+    # -------------------------------------------------------------------- commit
+    def _mark_smoothed(self, full: str) -> None:
+        # recorded in the plan (and checkpoint): on CPUs whose FBGEMM saturates, a module whose weight a step
+        # scaled (SmoothQuant moved activation outliers into it) takes 7-bit activations, not 7-bit weights
+        entry = self.plan.get(full)
+        if entry is not None:
+            entry.extra["smoothed"] = True
+
+    def hand_over_smoothed(self, names: Sequence[str]) -> None:
+        """Hand the smoothed planned linears ``names`` over as the model's own, updated, weights (``weights``),
+        marked ``smoothed`` in the plan; run() does it for all at the end, an offloaded run per layer."""
+        for full in names:
+            self.weights[full] = weight_out_in(self.smoothed.pop(full)).detach()
+            self._mark_smoothed(full)
+
     # -------------------------------------------------------------------- validation
     def validate(self) -> None:
         b = self.batches
@@ -1120,14 +1135,9 @@ class CalibrationRun:
         for entry, inverse in self.plan_updates:
             entry.extra["embed_channel_scale"] = inverse
         self.plan_updates = []
-        for full, module in self.smoothed.items():
-            self.weights[full] = weight_out_in(module).detach()
-        # recorded in the plan (and checkpoint): on CPUs whose FBGEMM saturates, a module whose weight a step
-        # scaled (SmoothQuant moved activation outliers into it) takes 7-bit activations, not 7-bit weights
-        for full in [*self.smoothed, *self.smoothed_heads]:
-            entry = self.plan.get(full)
-            if entry is not None:
-                entry.extra["smoothed"] = True
+        self.hand_over_smoothed(list(self.smoothed))
+        for full in self.smoothed_heads:  # their weights are already in ``weights``
+            self._mark_smoothed(full)
         self.smoothed_heads = []
         logger.info("hfptq calibration done in %.1f s (peak RSS %s)", seconds, format_bytes(peak, digits=1))
         return CalibrationResult(input_qparams=input_qparams, weights=dict(self.weights),

@@ -741,7 +741,6 @@ class _LayerByLayer:
         self._materialize(self.layers[1][index])
 
     def leave(self, run: Any, index: int) -> None:
-        from .architectures import weight_out_in
         from .calibration import _frozen_qparams
 
         name, stack = self.layers
@@ -756,11 +755,7 @@ class _LayerByLayer:
                 else:
                     kept.append((target, value))
         run.pending = kept
-        for full in [n for n in run.smoothed if n.startswith(prefix)]:
-            run.weights[full] = weight_out_in(run.smoothed.pop(full)).detach()
-            entry = run.plan.get(full)
-            if entry is not None:  # as run() marks it at the end (the route where FBGEMM saturates depends on it)
-                entry.extra["smoothed"] = True
+        run.hand_over_smoothed([n for n in run.smoothed if n.startswith(prefix)])  # as run() does at the end
         entries = self._entries(prefix)
         names = {e.name for e in entries}
         input_qparams, _ = _frozen_qparams({n: s for n, s in run.slots.items() if n in names})
