@@ -236,7 +236,6 @@ def fbgemm_int8_linear(x_shifted: torch.Tensor, zero_point: int, packed) -> torc
     return op(x_shifted, 1.0, int(zero_point), packed)
 
 
-@functools.lru_cache(maxsize=None)
 def fbgemm_linear_available(bits: int = 8, weight_bits: int = 8) -> bool:
     """Whether the FBGEMM route runs here **and gives the reference integers** for ``bits``-bit activations
     and ``weight_bits``-bit weights (8: int8 in ``[-128, 127]``; 7: ``[-64, 63]``, see :func:`regrid_weight`).
@@ -252,6 +251,13 @@ def fbgemm_linear_available(bits: int = 8, weight_bits: int = 8) -> bool:
         >>> fbgemm_linear_available(7) >= fbgemm_linear_available(8)  # doctest: +SKIP
         True
     """
+    # one cache entry per operand pair however it is spelled: ``()``, ``(8)`` and ``(8, 8)`` share one probe
+    return _fbgemm_linear_probe(int(bits), int(weight_bits))
+
+
+@functools.lru_cache(maxsize=None)
+def _fbgemm_linear_probe(bits: int, weight_bits: int) -> bool:
+    """:func:`fbgemm_linear_available`'s probe, cached per ``(bits, weight_bits)``."""
     if os.environ.get("HFPTQ_FBGEMM", "1").lower() in ("0", "false", "no"):
         return False
     prepack, op = _fbgemm_ops()
@@ -284,6 +290,9 @@ def fbgemm_linear_available(bits: int = 8, weight_bits: int = 8) -> bool:
     except Exception:  # pragma: no cover - depends on the build
         logger.debug("FBGEMM's int8 linear is not usable here", exc_info=True)
         return False
+
+
+fbgemm_linear_available.cache_clear = _fbgemm_linear_probe.cache_clear  # (tests re-probe after changing the env)
 
 
 #: Rows of the weight re-gridded at once by :func:`regrid_factors` / :func:`regrid_weight` (bounds their
