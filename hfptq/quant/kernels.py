@@ -314,8 +314,7 @@ def regrid_factors(qweight: torch.Tensor, bits: int = 7) -> torch.Tensor:
     factor = torch.empty(qweight.shape[0], 1, dtype=torch.float32, device=qweight.device)
     for start in range(0, qweight.shape[0], _REGRID_ROWS):
         rows = qweight[start:start + _REGRID_ROWS]
-        amax = rows.abs().amax(dim=1, keepdim=True) if rows.dtype != torch.int8 else \
-            rows.to(torch.int16).abs_().amax(dim=1, keepdim=True)
+        amax = rows.to(torch.int16).abs_().amax(dim=1, keepdim=True)  # (int16: |-128| overflows int8)
         factor[start:start + _REGRID_ROWS] = amax.to(torch.float32).clamp_(min=float(qmax)).div_(float(qmax))
     return factor
 
