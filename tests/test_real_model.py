@@ -91,7 +91,7 @@ def test_default_plan_with_int8_lm_head(gemma):
     # decode: one row per step, served by FBGEMM where it is exact here; every step's logits are the
     # reference int8 math's, bit for bit
     # (the reference of the route this CPU runs: 7-bit re-gridded weights on fbgemm-w7, see hfptq.quant.backends)
-    from hfptq.quant.backends import route_reference_math, w8a8_backend
+    from hfptq.quant.backends import route_reference_math
     from hfptq.quant.kernels import fbgemm_linear_available
 
     prompt = tok("The capital of France is", return_tensors="pt")
