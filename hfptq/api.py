@@ -104,6 +104,14 @@ def quantize_model(
         undo_input_rotations(rotated)  # nothing half-applied: the float model is as it was
         raise
     del rotated  # the float originals
+    _record_quantized(model, config, plan, bytes_before, getattr(result, "info", None), started)
+    return model
+
+
+def _record_quantized(model: nn.Module, config: HfPtqConfig, plan: Plan, bytes_before: int, info: Any,
+                      started: float) -> None:
+    """After conversion (:func:`quantize_model`, :func:`hfptq.offload.quantize_offloaded`): release the mapped
+    float checkpoint, record the plan and the run's numbers on ``model`` and ``config``."""
     release_checkpoint_mapping(model)
     config.plan = plan.to_dict()
     attach_plan(model, plan)
@@ -112,9 +120,22 @@ def quantize_model(
 
         mark_quantized(model, config, plan)  # saveable as an hfptq checkpoint, also when quantized by hand
     model.hfptq_bytes_before = bytes_before
-    model.hfptq_calibration = getattr(result, "info", None)
+    model.hfptq_calibration = info
     model.hfptq_seconds = time.perf_counter() - started
-    return model
+
+
+def _calibration_data(model: nn.Module, config: HfPtqConfig, tokenizer: Any,
+                      calibration_data: Optional[torch.Tensor], progress: bool) -> torch.Tensor:
+    """``calibration_data``, or ``config.calibration``'s split tokenized when it is ``None`` (a plan that calibrates)."""
+    if calibration_data is not None:
+        return calibration_data
+    if config.calibration is None:
+        raise ConfigError(
+            "This config needs calibration data (static activations, SmoothQuant or GPTQ): set "
+            "calibration=dict(dataset=..., split=...) or pass calibration_data= token ids.", key="calibration")
+    from .data import calibration_batches
+
+    return calibration_batches(config.calibration, _load_tokenizer(model, config, tokenizer), progress=progress)
 
 
 def _calibrate_and_convert(model: nn.Module, plan: Plan, config: HfPtqConfig, tokenizer: Any,
@@ -123,16 +144,7 @@ def _calibrate_and_convert(model: nn.Module, plan: Plan, config: HfPtqConfig, to
     if needs_calibration(config, plan):
         from .calibration import calibrate
 
-        if calibration_data is None:
-            if config.calibration is None:
-                raise ConfigError(
-                    "This config needs calibration data (static activations, SmoothQuant or GPTQ): set "
-                    "calibration=dict(dataset=..., split=...) or pass calibration_data= token ids."
-                )
-            from .data import calibration_batches
-
-            calibration_data = calibration_batches(config.calibration, _load_tokenizer(model, config, tokenizer),
-                                                   progress=progress)
+        calibration_data = _calibration_data(model, config, tokenizer, calibration_data, progress)
         result = calibrate(model, plan, config, calibration_data, progress=progress)
     convert_model(
         model, plan, fake=config.mode == "fake", compute_dtype=config.compute_dtype,

@@ -829,9 +829,8 @@ def quantize_offloaded(
         >>> hfptq.quantize_offloaded(model, HfPtqConfig(smoothquant={"alpha": 0.5},
         ...     calibration=dict(dataset="wikitext", config="wikitext-2-raw-v1", num_samples=8)))  # doctest: +SKIP
     """
-    from .api import _load_tokenizer, attach_plan, model_bytes, needs_calibration, release_checkpoint_mapping
-    from .calibration import CalibrationRun, default_steps
-    from .checkpoint import mark_quantized
+    from .api import _calibration_data, _record_quantized, model_bytes, needs_calibration
+    from .calibration import CalibrationRun, _read_status_bytes, default_steps
     from .convert import refuse_quantized
     from .plan import resolve_plan
 
@@ -843,15 +842,8 @@ def quantize_offloaded(
     bytes_before = model_bytes(model)
     logger.info(plan.summary())
     calibrated = needs_calibration(config, plan)
-    if calibrated and calibration_data is None:
-        if config.calibration is None:
-            raise ConfigError(
-                "This config needs calibration data (static activations, SmoothQuant or GPTQ): set "
-                "calibration=dict(dataset=..., split=...) or pass calibration_data= token ids.", key="calibration")
-        from .data import calibration_batches
-
-        calibration_data = calibration_batches(config.calibration, _load_tokenizer(model, config, tokenizer),
-                                               progress=progress)
+    if calibrated:
+        calibration_data = _calibration_data(model, config, tokenizer, calibration_data, progress)
     shape = tuple(calibration_data.shape) if calibrated and isinstance(calibration_data, torch.Tensor) else None
     estimate = estimate_offloaded_memory(model, plan, config, shape)
     message = f"hfptq: quantizing an offloaded model layer by layer; estimated memory {estimate.describe()}"
@@ -868,15 +860,7 @@ def quantize_offloaded(
     driver.finish(result)
     info = getattr(result, "info", None)
     del result  # the steps' float replacement weights (a smoothed LM head in float32) go before the copies below
-    release_checkpoint_mapping(model)
-    config.plan = plan.to_dict()
-    attach_plan(model, plan)
-    mark_quantized(model, config, plan)
-    model.hfptq_bytes_before = bytes_before
-    model.hfptq_calibration = info
-    model.hfptq_seconds = time.perf_counter() - started
-    from .calibration import _read_status_bytes
-
+    _record_quantized(model, config, plan, bytes_before, info, started)
     model.hfptq_offload = {"estimate": estimate.to_dict(), "peak_rss_bytes": _read_status_bytes("VmHWM"),
                            "float_bytes_loaded": driver.float_loaded}
     return model
