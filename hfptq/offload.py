@@ -99,7 +99,7 @@ def check_device_map(device_map: Any, *, pre_quantized: bool, streaming: bool = 
     """
     if pre_quantized or not isinstance(device_map, Mapping):
         return
-    refused = ("disk", "meta") if streaming else ("meta",)
+    refused = _OFFLOAD_DEVICES if streaming else ("meta",)
     offloaded = [name or "<whole model>" for name, device in device_map.items() if str(device) in refused]
     if not offloaded:
         return
