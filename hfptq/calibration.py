@@ -710,6 +710,18 @@ class CalibrationRun:
         if entry is not None:
             entry.extra["smoothed"] = True
 
+    def commit_pending(self, only: Optional[set] = None) -> None:
+        """Copy the steps' pending values into the model (those whose target's ``id`` is in ``only``, if given);
+        run() commits all at the end, an offloaded run each layer's when it leaves it."""
+        kept = []
+        with torch.no_grad():
+            for target, value in self.pending:
+                if only is None or id(target) in only:
+                    target.copy_(value.to(device=target.device, dtype=target.dtype))
+                else:
+                    kept.append((target, value))
+        self.pending = kept
+
     def hand_over_smoothed(self, names: Sequence[str]) -> None:
         """Hand the smoothed planned linears ``names`` over as the model's own, updated, weights (``weights``),
         marked ``smoothed`` in the plan; run() does it for all at the end, an offloaded run per layer."""
@@ -1128,10 +1140,7 @@ class CalibrationRun:
         info = _run_info(self, mode, observers, seconds, peak, rss_before, estimate, ranges)
         # Everything succeeded: only now do the steps' changes reach the model (GPTQ weights travel in the
         # result); the smoothed planned linears are handed over as the model's own, updated, weights.
-        with torch.no_grad():
-            for target, value in self.pending:
-                target.copy_(value.to(device=target.device, dtype=target.dtype))
-        self.pending = []
+        self.commit_pending()
         for entry, inverse in self.plan_updates:
             entry.extra["embed_channel_scale"] = inverse
         self.plan_updates = []

@@ -746,15 +746,8 @@ class _LayerByLayer:
         name, stack = self.layers
         prefix = f"{name}.{index}."
         layer = stack[index]
-        mine = {id(t) for t in list(layer.parameters()) + list(layer.buffers())}
-        kept = []
-        with torch.no_grad():  # what run() commits at the end, committed now for this layer
-            for target, value in run.pending:
-                if id(target) in mine:
-                    target.copy_(value.to(device=target.device, dtype=target.dtype))
-                else:
-                    kept.append((target, value))
-        run.pending = kept
+        # what run() commits at the end, committed now for this layer
+        run.commit_pending({id(t) for t in list(layer.parameters()) + list(layer.buffers())})
         run.hand_over_smoothed([n for n in run.smoothed if n.startswith(prefix)])  # as run() does at the end
         entries = self._entries(prefix)
         names = {e.name for e in entries}
